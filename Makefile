@@ -1,0 +1,77 @@
+# imgsim: two commands on a fresh machine — `make demo` and `make test`.
+# Each creates .venv/ with the pinned dependencies (requirements.lock) when it is missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+FMNIST := /usr/share/datasets/fashion-mnist
+WORK   ?= demo-run
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all lint format bench lock clean system-deps browser
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e '.[dev]'
+	@touch $(STAMP)
+	@echo "imgsim installed in $(VENV)/ (activate with: . $(VENV)/bin/activate)"
+
+# Fashion-MNIST from Debian when we can install it; otherwise imgsim downloads it itself.
+system-deps:
+	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "could not install dataset-fashion-mnist; imgsim will download Fashion-MNIST instead"; \
+	fi
+
+# A real browser for the web-page test: Debian's chromium (tests skip with a reason if absent).
+browser:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  echo "could not install chromium; the browser test will be skipped"; \
+	fi
+
+demo: install system-deps
+	$(BIN)/imgsim demo --work $(WORK)
+
+lint: install
+	$(BIN)/ruff check imgsim pipelines serve tests bench
+	$(BIN)/ruff format --check imgsim pipelines serve tests bench
+
+format: install
+	$(BIN)/ruff format imgsim pipelines serve tests bench
+	$(BIN)/ruff check --fix imgsim pipelines serve tests bench
+
+# The default run: everything but tests marked slow.
+test: install browser lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install browser lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/search.py
+	$(BIN)/python bench/serve.py
+
+# Re-pin: install from pyproject into a scratch venv and freeze it.
+lock:
+	rm -rf /tmp/imgsim-lock && $(PYTHON) -m venv /tmp/imgsim-lock
+	/tmp/imgsim-lock/bin/pip install -q --upgrade pip
+	/tmp/imgsim-lock/bin/pip install -q '.[dev]'
+	(echo '# Pinned environment for `make install` (pip freeze of a working install; torch is the CPU build).'; \
+	 echo '# Regenerate: make lock'; \
+	 /tmp/imgsim-lock/bin/pip freeze | grep -v -e '^imgsim' -e '^-e' | sed 's/+cpu$$//') > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

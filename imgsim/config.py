@@ -1,0 +1,80 @@
+"""Every default in one place.
+
+The CLI, the pipelines and the Serve app read their defaults from here, so a
+default is changed once and the README/--help stay truthful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: File extensions recognised as images (compared case-insensitively).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+#: Pillow's decompression-bomb guard: images with more pixels are refused.
+MAX_IMAGE_PIXELS: int = 89_478_485  # Pillow's own default; kept explicit so it is never disabled.
+
+#: Files larger than this are skipped without being read (bytes).
+MAX_FILE_BYTES: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How bytes become the model's input; stored with the model so queries match training."""
+
+    image_size: int = 32
+    channels: int = 1  # 1 (greyscale) or 3 (RGB); the CLI's "auto" picks from a sample of the data
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training defaults (`imgsim train`)."""
+
+    epochs: int = 10
+    dim: int = 64
+    batch_size: int = 256
+    lr: float = 2e-3
+    workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Embedding, clustering and KNN defaults (`imgsim index`)."""
+
+    clusters: int = 4
+    metric: str = "cosine"  # or "l2"
+    kind: str = "auto"  # "exact", "ivf" or "auto" (ivf above `ivf_threshold` vectors)
+    ivf_threshold: int = 200_000
+    nprobe: int = 16
+    embed_batch_size: int = 256
+    concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serve defaults (`imgsim serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_k: int = 100
+    url_timeout_s: float = 10.0
+    allow_private_urls: bool = False
+
+
+@dataclass(frozen=True)
+class Defaults:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+DEFAULTS = Defaults()

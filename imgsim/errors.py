@@ -1,0 +1,19 @@
+"""Exceptions for expected failures: the CLI prints their message as a one-line reason."""
+
+from __future__ import annotations
+
+
+class ImgsimError(Exception):
+    """An expected failure whose message tells the user what went wrong and what to do next."""
+
+
+class RunNotFound(ImgsimError):
+    """A run directory lacks what a command needs (no model yet, no index yet)."""
+
+
+class ModelMismatch(ImgsimError):
+    """An index was built with a different model than the one loaded."""
+
+
+class BadQuery(ImgsimError):
+    """A query could not be turned into an image (not found, not an image, too large, bad URL)."""

@@ -1,0 +1,40 @@
+"""Progress display for long steps: a tqdm bar on a terminal, sparse log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(
+    iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it"
+) -> Iterator[T]:
+    """Wrap `iterable` in a progress bar written to stderr (so `--json` stdout stays clean)."""
+    return iter(
+        tqdm(
+            iterable,
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 10.0,
+        )
+    )
+
+
+def bar(total: int | None, desc: str = "", unit: str = "it") -> tqdm:
+    """A manual progress bar (call `.update(n)`; close it or use it as a context manager)."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
