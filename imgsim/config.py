@@ -38,6 +38,7 @@ class TrainConfig:
     dim: int = 64
     batch_size: int = 256
     lr: float = 2e-3
+    nce_weight: float = 0.5  # weight of the contrastive term (0 = a plain denoising autoencoder)
     workers: int = 1
     use_gpu: bool = False
     seed: int = 0

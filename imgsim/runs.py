@@ -79,3 +79,28 @@ def temp_path_beside(path: str | os.PathLike[str]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
+
+
+def embedding_matrix(table: Any) -> Any:
+    """The `embedding` column of a pyarrow table as a float32 (N, D) array."""
+    import numpy as np
+
+    col = table["embedding"].combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+
+
+def read_embeddings(
+    run: str | os.PathLike[str], columns: tuple[str, ...] = ("path", "label", "cluster")
+) -> tuple[Any, dict[str, list]]:
+    """(embeddings (N, D) float32, {column: values}) from RUN/index/embeddings.parquet."""
+    import pyarrow.parquet as pq
+
+    from imgsim.errors import RunNotFound
+
+    path = RunPaths(run).embeddings
+    if not path.is_file():
+        raise RunNotFound(f"no index in {run} — run `imgsim index DATA --model {run}` first")
+    table = pq.read_table(path, columns=["embedding", *columns])
+    return embedding_matrix(table), {c: table[c].to_pylist() for c in columns}

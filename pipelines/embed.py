@@ -1,0 +1,156 @@
+"""Embed: a Ray Data actor pool runs the encoder over every image.
+
+The mapper is a callable class (clip-retrieval's shape): `__init__` loads the model once per actor,
+`__call__(batch)` maps a batch of ingest rows to embeddings. Error rows pass through with their
+reason and a zero embedding. Rows carry per-stage seconds (read / decode / encode) so the job can
+report which stage is slow.
+
+    ray job submit --working-dir . -- python -m pipelines.embed DATA --model RUN --out emb.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from imgsim import model as model_lib
+from imgsim.config import DEFAULTS
+from imgsim.sources import ImageRef
+from pipelines.ingest import read_images
+
+
+class Embedder:
+    """Ray Data mapper: uint8 images → float32 embeddings with the run's encoder."""
+
+    def __init__(self, run: str, use_gpu: bool = False, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = model_lib.load(run, device=self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        started = time.perf_counter()
+        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        emb = np.zeros((len(ok), self.model.config.dim), dtype=np.float32)
+        if ok.any():
+            emb[ok] = self.model.embed(batch["image"][ok])
+        encode_s = (time.perf_counter() - started) / max(len(ok), 1)
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["embedding"] = emb
+        out["encode_s"] = np.full(len(ok), encode_s)
+        return out
+
+
+def embed_dataset(
+    ds: ray.data.Dataset,
+    run: str,
+    *,
+    concurrency: int = DEFAULTS.index.concurrency,
+    use_gpu: bool = False,
+    batch_size: int = DEFAULTS.index.embed_batch_size,
+) -> ray.data.Dataset:
+    """Map ingest rows to `{path, label, embedding, error, read_s, decode_s, encode_s}`."""
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"run": run, "use_gpu": use_gpu, "threads": None if use_gpu else 1},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over all rows (workers run in parallel, so the sum of the
+    stages can exceed wall time)."""
+
+    read: float = 0.0
+    decode: float = 0.0
+    encode: float = 0.0
+    write: float = 0.0
+    rows: int = 0
+    wall: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        self.read += float(np.sum(batch["read_s"]))
+        self.decode += float(np.sum(batch["decode_s"]))
+        self.encode += float(np.sum(batch["encode_s"]))
+        self.rows += len(batch["path"])
+
+    def summary(self) -> str:
+        self.wall = time.perf_counter() - self.started
+        rate = self.rows / self.wall if self.wall else 0.0
+        return (
+            f"{self.rows} images in {self.wall:.1f} s ({rate:.0f}/s); worker seconds: read {self.read:.1f}, "
+            f"decode {self.decode:.1f}, encode {self.encode:.1f}; driver write {self.write:.1f}"
+        )
+
+
+def embed_images(
+    root: str,
+    run: str,
+    *,
+    refs: list[ImageRef] | None = None,
+    concurrency: int = DEFAULTS.index.concurrency,
+    use_gpu: bool = False,
+    batch_size: int = DEFAULTS.index.embed_batch_size,
+) -> ray.data.Dataset:
+    """The embedding dataset for every image under `root` (or `refs`), preprocessed as the model expects."""
+    cfg = model_lib.load(run).config
+    ds = read_images(root, cfg.image_size, cfg.channels, refs=refs)
+    return embed_dataset(ds, run, concurrency=concurrency, use_gpu=use_gpu, batch_size=batch_size)
+
+
+def embed_folder(
+    root: str, run: str, **kwargs: Any
+) -> tuple[list[str], list[str | None], np.ndarray, list[dict]]:
+    """(paths, labels, embeddings, skipped records) for every image under `root` — for eval queries."""
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    paths: list[str] = []
+    labels: list[str | None] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[dict] = []
+    times = StageTimes()
+    for batch in embed_images(root, run, **kwargs).iter_batches(batch_size=4096, batch_format="numpy"):
+        times.add(batch)
+        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        skipped += [
+            {"path": str(p), "reason": str(e)}
+            for p, e in zip(batch["path"][~ok], batch["error"][~ok], strict=True)
+        ]
+        paths += [str(p) for p in batch["path"][ok]]
+        labels += [None if lab is None else str(lab) for lab in batch["label"][ok]]
+        chunks.append(batch["embedding"][ok])
+    print(f"[embed] {times.summary()}")
+    emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return paths, labels, emb, skipped
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description="Embed every image under DATA with RUN's encoder into a Parquet file."
+    )
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--model", required=True, metavar="RUN")
+    p.add_argument("--out", required=True, help="Parquet file or folder to write (Ray Data write_parquet)")
+    p.add_argument("--concurrency", type=int, default=DEFAULTS.index.concurrency)
+    p.add_argument("--gpu", action="store_true")
+    a = p.parse_args()
+    ds = embed_images(a.data, a.model, concurrency=a.concurrency, use_gpu=a.gpu)
+    ds.drop_columns(["read_s", "decode_s", "encode_s"]).write_parquet(a.out)
+    print(f"embeddings written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The autoencoder: shapes for any size and channel count, save/load, the training objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imgsim import model as model_lib
+from imgsim.errors import RunNotFound
+from imgsim.model import Augment, AutoEncoder, ModelConfig, info_nce, training_loss
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 1), (32, 3), (45, 3), (64, 1)])
+def test_shapes_for_any_size_and_channels(size: int, channels: int) -> None:
+    m = AutoEncoder(ModelConfig(image_size=size, channels=channels, dim=16))
+    x = torch.randint(0, 256, (3, channels, size, size), dtype=torch.uint8)
+    out = m(x)
+    assert out.recon.shape == (3, channels, size, size)
+    assert out.z.shape == (3, 16)
+    assert float(out.recon.min()) >= 0 and float(out.recon.max()) <= 1
+    emb = m.embed(x.numpy())
+    assert emb.shape == (3, 16) and emb.dtype == np.float32
+
+
+def test_embed_subtracts_the_stored_centre() -> None:
+    m = AutoEncoder(ModelConfig(dim=8))
+    x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    before = m.embed(x)
+    m.emb_mean.fill_(1.0)
+    np.testing.assert_allclose(m.embed(x), before - 1.0, atol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_embeddings(tmp_path: Path) -> None:
+    m = AutoEncoder(ModelConfig(image_size=32, channels=3, dim=12))
+    m.emb_mean.normal_()
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    model_lib.save(m, tmp_path)
+    loaded = model_lib.load(tmp_path)
+    assert loaded.config == m.config
+    np.testing.assert_array_equal(loaded.embed(x), m.embed(x))
+    assert loaded.fingerprint == model_lib.fingerprint(tmp_path)
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert not list((tmp_path / "model").glob("*.tmp"))
+
+
+def test_load_without_a_model_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(RunNotFound, match="imgsim train"):
+        model_lib.load(tmp_path)
+
+
+def test_fingerprint_changes_with_weights(tmp_path: Path) -> None:
+    m = AutoEncoder(ModelConfig(dim=8))
+    model_lib.save(m, tmp_path)
+    first = model_lib.fingerprint(tmp_path)
+    with torch.no_grad():
+        m.to_z.bias.add_(1.0)
+    model_lib.save(m, tmp_path)
+    assert model_lib.fingerprint(tmp_path) != first
+
+
+def test_info_nce_is_low_for_matching_views_and_high_for_shuffled() -> None:
+    z = torch.randn(32, 16)
+    matched = info_nce(z, z + 0.01 * torch.randn_like(z))
+    shuffled = info_nce(z, z[torch.randperm(32)])
+    assert matched < shuffled
+
+
+def test_augment_keeps_shape_and_range() -> None:
+    x = torch.rand(6, 3, 32, 32)
+    out = Augment()(x)
+    assert out.shape == x.shape
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not torch.allclose(out, x)
+
+
+def test_a_few_steps_reduce_the_training_loss() -> None:
+    torch.manual_seed(0)
+    m = AutoEncoder(ModelConfig(dim=16, widths=(8, 16, 32)))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8)
+    x[:, :, :16] = 0  # some structure to learn
+    aug = Augment(noise=0.0)
+    first = float(training_loss(m, x, aug, 0.5)[0])
+    for _ in range(30):
+        loss, _ = training_loss(m, x, aug, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(training_loss(m, x, aug, 0.5)[0]) < first
