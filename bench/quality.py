@@ -61,7 +61,9 @@ def main() -> None:
         (xtr.flatten(1).float() - xtr.flatten(1).float().mean(0)).numpy(),
         ytr,
     )
-    model = AutoEncoder(ModelConfig(image_size=a.size, dim=a.dim, widths=tuple(int(w) for w in a.widths.split(","))))
+    model = AutoEncoder(
+        ModelConfig(image_size=a.size, dim=a.dim, widths=tuple(int(w) for w in a.widths.split(",")))
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     aug = Augment()
     budget = a.minutes * 60
