@@ -58,11 +58,11 @@ test-all: install browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/train.py
-	$(BIN)/python bench/embed.py
-	$(BIN)/python bench/search.py
-	$(BIN)/python bench/serve.py
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.embed
+	$(BIN)/python -m bench.search
+	$(BIN)/python -m bench.serve
 
 # Re-pin: install from pyproject into a scratch venv and freeze it.
 lock:

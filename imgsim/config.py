@@ -34,7 +34,7 @@ class PreprocessConfig:
 class TrainConfig:
     """Training defaults (`imgsim train`)."""
 
-    epochs: int = 10
+    epochs: int = 6  # about 9 minutes on Fashion-MNIST (60K images) on 2 CPU cores
     dim: int = 64
     batch_size: int = 256
     lr: float = 2e-3

@@ -1,30 +1,51 @@
 """Bytes → the model's input. THE preprocessing function, shared by training, indexing and queries.
 
-`decode_image` returns a uint8 array of shape (C, S, S). Every way an input can fail becomes a
-`DecodeError` with a short reason, so pipelines can skip and report instead of crashing.
+`decode_image(data, image_size, channels)` returns a uint8 array of shape (C, S, S). Nothing else
+in the project may resize or convert an image, so a query is preprocessed exactly like the images
+the model was trained and indexed on.
 
-Resize policy: the image is scaled so that its *shorter* side is S and the centre S×S is kept
-(centre crop). This keeps the aspect ratio (no squashing), fills the whole input (no padding bars
-that would make every letterboxed photo look alike) and loses only the edges of elongated images.
+Steps, in order:
+1. Guards: empty input, more than `MAX_FILE_BYTES`, more than `MAX_IMAGE_PIXELS` pixels (Pillow's
+   decompression-bomb guard stays on; its warning counts as an error too).
+2. Decode the first frame (animations); JPEGs are decoded at a reduced scale with `draft()` when
+   they are at least twice the target size, which is several times faster.
+3. EXIF orientation applied, so a photo looks as a viewer shows it.
+4. Mode → L (channels=1) or RGB (channels=3): palette, CMYK, YCbCr, 1-bit, 16-bit and 32-bit
+   integer (scaled, not clipped), float; alpha (RGBA, LA, PA, palette transparency) is composited
+   on white, so transparent backgrounds look alike whatever colour the hidden pixels have.
+5. Resize policy — *shorter side to S, then centre crop*: the aspect ratio is kept (no squashing,
+   which would distort shapes differently for each aspect ratio) and the whole S×S input is
+   picture (no padding bars: padded inputs would look similar because of their bars, and
+   similarity search would group images by aspect ratio instead of content). The price is that
+   the edges of elongated images are cut off. Resampling is antialiased (Pillow's bilinear filter
+   widens with the scale factor), resizing only the cropped region.
+
+Every way an input can fail becomes a `DecodeError` with a short reason, so pipelines can skip and
+report instead of crashing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgsim.config import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from imgsim.errors import ImgsimError
 
-# Keep Pillow's decompression-bomb guard on, at an explicit limit.
+# Keep Pillow's decompression-bomb guard on, at an explicit limit (we also check it ourselves, so a
+# library elsewhere that switches Pillow's guard off does not switch ours off).
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "La"}
+#: Modes that hold no colour.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+#: Largest channel difference (0-255) that still counts as grey: JPEG chroma noise stays below it.
+GREY_TOLERANCE = 12
 
 
 class DecodeError(ImgsimError):
@@ -35,102 +56,171 @@ class DecodeError(ImgsimError):
         self.reason = reason
 
 
-def open_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Open and fully load an image from bytes (first frame only) with the bomb guard on.
+def open_image(data: bytes, draft_size: int | None = None, *, max_bytes: int = MAX_FILE_BYTES) -> Image.Image:
+    """Open and fully load an image from bytes (first frame only) with both size guards on.
 
-    With `draft_size`, a JPEG larger than needed is decoded at a reduced scale (`draft`), which is
-    much faster and still leaves both sides >= `draft_size`.
+    With `draft_size`, a JPEG much larger than needed is decoded at a reduced scale (`draft`),
+    leaving both sides >= `draft_size`.
     """
     if not data:
         raise DecodeError("empty file")
-    if len(data) > MAX_FILE_BYTES:
-        raise DecodeError(f"file too large ({len(data):,} bytes > {MAX_FILE_BYTES:,})")
+    if len(data) > max_bytes:
+        raise DecodeError(f"file too large ({len(data):,} bytes > {max_bytes:,})")
+    size = ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if draft_size and img.format == "JPEG":
+            width, height = img.size
+            size = f"{width}x{height} pixels, "
+            if width * height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(size)
+            if width < 1 or height < 1:
+                raise DecodeError(f"image has no pixels ({width}x{height})")
+            if draft_size and img.format in ("JPEG", "MPO"):
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()  # first frame of an animation; raises on truncation
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"image too large (decompression bomb guard): {e}") from None
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DecodeError(
+            f"image too large ({size}limit {MAX_IMAGE_PIXELS:,}): decompression bomb guard"
+        ) from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"corrupt or truncated image: {e}") from None
+    except MemoryError:
+        raise DecodeError("image too large to decode (out of memory)") from None
+    except Exception as e:  # Pillow raises many types on corrupt input; all mean "bad file"
+        raise DecodeError(f"corrupt or truncated image ({_short(e)})") from None
     return img
 
 
-def is_greyscale(img: Image.Image) -> bool:
-    """True for greyscale modes, and for palette images whose palette is all grey."""
-    if img.mode in _GREY_MODES:
-        return True
-    if img.mode == "P":
-        palette = img.getpalette() or []
-        rgb = np.asarray(palette[: (len(palette) // 3) * 3], dtype=np.int16).reshape(-1, 3)
-        return bool(np.all(rgb[:, 0] == rgb[:, 1]) and np.all(rgb[:, 1] == rgb[:, 2]))
-    return False
+def _short(e: BaseException, limit: int = 120) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def apply_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF orientation tag says; a broken EXIF block leaves the image as is."""
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        if orientation in (2, 3, 4, 5, 6, 7, 8):
+            return ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    return img
+
+
+def _wide_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale → 8-bit L, scaled by the range the mode implies."""
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(arr.max()) if arr.size else 0.0
+        if img.mode == "F" and peak <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        elif peak <= 255:
+            top = 255.0  # 8-bit values stored in a wide mode
+        elif peak <= 65535:
+            top = 65535.0  # 16-bit values stored in a wide mode
+        else:
+            top = peak
+    return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any Pillow mode to L (channels=1) or RGB (channels=3); alpha is composited on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in _WIDE_MODES:
+        img = _wide_to_l(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+    if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba).convert("RGB")
     target = "L" if channels == 1 else "RGB"
-    return img if img.mode == target else img.convert(target)
+    if img.mode == target:
+        return img
+    if target == "L" and img.mode not in ("RGB", "1", "P"):
+        img = img.convert("RGB")  # CMYK, YCbCr, ... reach L through RGB, like everything else
+    return img.convert(target)
 
 
 def resize_centre_crop(img: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size`, then keep the centre `size`×`size`."""
+    """Scale the shorter side to `size` and keep the centre `size`×`size` (one resampling step)."""
     w, h = img.size
     if (w, h) == (size, size):
         return img
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return img.resize(
+        (size, size),
+        Image.Resampling.BILINEAR,
+        box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )
+
+
+def _check_shape(image_size: int, channels: int) -> None:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
 
 
 def prepare_image(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
     """A loaded PIL image → uint8 (C, S, S): orientation, mode, resize. Used for every input kind."""
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
-        img = ImageOps.exif_transpose(img)
-    img = resize_centre_crop(to_mode(img, channels), image_size)
+    _check_shape(image_size, channels)
+    img = resize_centre_crop(to_mode(apply_orientation(img), channels), image_size)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None, :, :].copy() if channels == 1 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def decode_image(data: bytes, image_size: int, channels: int) -> np.ndarray:
+def decode_image(
+    data: bytes, image_size: int, channels: int, *, max_bytes: int = MAX_FILE_BYTES
+) -> np.ndarray:
     """Decode image bytes to uint8 (C, S, S); raises `DecodeError` with a reason for bad input."""
-    img = open_image(data, draft_size=image_size)
+    _check_shape(image_size, channels)
+    img = open_image(data, draft_size=image_size, max_bytes=max_bytes)
     try:
         return prepare_image(img, image_size, channels)
-    except (OSError, ValueError) as e:
-        raise DecodeError(f"could not convert image: {e}") from None
+    except MemoryError:
+        raise DecodeError("image too large to decode (out of memory)") from None
+    except Exception as e:  # e.g. a mode Pillow cannot convert (LAB, HSV): a bad input, not a crash
+        raise DecodeError(f"could not convert image ({_short(e)})") from None
 
 
-def try_decode(data: bytes, image_size: int, channels: int) -> tuple[np.ndarray | None, str | None]:
+def try_decode(
+    data: bytes, image_size: int, channels: int, *, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[np.ndarray | None, str | None]:
     """`decode_image` as a value: (array, None) on success, (None, reason) on failure."""
     try:
-        return decode_image(data, image_size, channels), None
+        return decode_image(data, image_size, channels, max_bytes=max_bytes), None
     except DecodeError as e:
         return None, e.reason
+
+
+def is_greyscale(img: Image.Image) -> bool:
+    """True if the image holds no colour: a grey mode, or colour channels that (nearly) agree.
+
+    The content is checked, not only the mode, so a greyscale photo saved as RGB JPEG counts as grey.
+    """
+    if img.mode in GREY_MODES:
+        return True
+    small = img.copy()
+    small.thumbnail((64, 64))
+    rgb = np.asarray(to_mode(small, 3), dtype=np.int16)
+    spread = (
+        np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0),
+        np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0),
+    )
+    return bool(max(spread) <= GREY_TOLERANCE)
 
 
 def greyscale_bytes(data: bytes) -> bool | None:
     """Whether the image in `data` is greyscale (None if it cannot be opened). For channel detection."""
     try:
-        return is_greyscale(open_image(data))
+        return is_greyscale(open_image(data, draft_size=64))
     except DecodeError:
         return None

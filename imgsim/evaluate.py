@@ -1,38 +1,64 @@
 """Retrieval quality on labelled data: a result is relevant when its label equals the query's.
 
-For each query with top-k results r_1..r_k and R relevant items in the database:
-- precision@k = (relevant among r_1..r_k) / k, averaged over queries (precision@1 likewise);
-- AP@k = (1 / min(k, R)) * sum_i precision@i * [r_i relevant]; mAP@k is its mean over queries;
-- recall@k = (relevant among r_1..r_k) / R.
-Queries without a label, or whose label has no relevant item in the database, are not scored.
-In leave-one-out mode the database item with the query's own id is excluded from its results (by
-id, not by distance, since a collection may hold exact duplicates).
+For a query whose top-k results are r_1..r_k, with R relevant items in the database (items with the
+query's label; in leave-one-out mode not counting the query itself):
+- precision@k = (relevant among r_1..r_k) / k; precision@1 likewise with k = 1;
+- AP@k = (1 / min(k, R)) * sum over i of precision@i * [r_i relevant]; 1.0 when the first
+  min(k, R) results are all relevant, whatever k is;
+- recall@k = (relevant among r_1..r_k) / R (at most k / R when R > k).
+Each metric is the mean over scored queries (mAP@k is the mean AP@k). A missing result (a search
+that returned fewer than k, or id -1) counts as not relevant.
+
+Not scored, and counted separately: queries without a label (`unlabelled_queries`) and labelled
+queries whose label no database item carries (`no_relevant_queries`: recall and AP are undefined).
+Database items without a label are never relevant.
+
+Leave-one-out (`exclude_self=True`): query i is database item i; it is excluded from its own results
+by id, not by distance 0, since a collection may hold exact duplicates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from imgsim.index import KnnIndex
+from imgsim.index import KnnIndex, drop_ids
 
 
-def _label_array(labels: Sequence[str | None] | np.ndarray) -> np.ndarray:
-    return np.array([None if lab is None else str(lab) for lab in labels], dtype=object)
+class Searchable(Protocol):
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def scores_from_hits(hits: np.ndarray, relevant_totals: np.ndarray, k: int) -> dict[str, float]:
-    """Metrics from a (Q, k) boolean matrix of relevant results and each query's R."""
-    hits = hits.astype(np.float64)
+    """The metrics from a (Q, k) boolean matrix of relevant results and each query's R (all R > 0)."""
+    hits = np.asarray(hits, dtype=np.float64)
+    totals = np.asarray(relevant_totals, dtype=np.float64)
+    if len(hits) == 0:
+        return {"precision_at_1": 0.0, "precision_at_k": 0.0, "map_at_k": 0.0, "recall_at_k": 0.0}
     precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, k + 1)
-    ap = (precision_at_i * hits).sum(axis=1) / np.minimum(k, relevant_totals)
+    ap = (precision_at_i * hits).sum(axis=1) / np.minimum(k, totals)
     return {
         "precision_at_1": float(hits[:, 0].mean()),
         "precision_at_k": float(hits.mean(axis=1).mean()),
         "map_at_k": float(ap.mean()),
-        "recall_at_k": float((hits.sum(axis=1) / relevant_totals).mean()),
+        "recall_at_k": float((hits.sum(axis=1) / totals).mean()),
     }
+
+
+def _label_codes(
+    query_labels: Sequence[str | None], db_labels: Sequence[str | None]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer codes: (query codes, database codes, items per code). No label: -1 (query), -2 (db)."""
+    db = [None if lab is None else str(lab) for lab in db_labels]
+    vocab = {lab: i for i, lab in enumerate(sorted({lab for lab in db if lab is not None}))}
+    db_codes = np.array([-2 if lab is None else vocab[lab] for lab in db], dtype=np.int64)
+    q_codes = np.array(
+        [-1 if lab is None else vocab.get(str(lab), len(vocab)) for lab in query_labels], dtype=np.int64
+    )
+    counts = np.bincount(db_codes[db_codes >= 0], minlength=len(vocab) + 1)  # last: labels not in db
+    return q_codes, db_codes, counts
 
 
 def retrieval_metrics(
@@ -43,45 +69,58 @@ def retrieval_metrics(
     k: int = 10,
     metric: str = "cosine",
     exclude_self: bool = False,
-    index: KnnIndex | None = None,
+    index: KnnIndex | Searchable | None = None,
     chunk: int = 4096,
-) -> dict[str, float | int]:
-    """precision@1, precision@k, mAP@k and recall@k of searching `query_emb` in `db_emb`.
+) -> dict[str, Any]:
+    """precision@1, precision@k, mAP@k and recall@k of searching `query_emb` in `db_emb` (see the
+    module docstring for the definitions).
 
-    `exclude_self`: query i is database item i (leave-one-out). `index`: search this prebuilt index
-    (over `db_emb`) instead of an exact one built here.
+    `exclude_self`: leave-one-out, query i is database item i. `index`: any object with
+    `search(q, k) -> (distances, ids)` over `db_emb` (a built KnnIndex, a within-cluster adapter);
+    default an exact KnnIndex built here. Queries are searched `chunk` at a time, so memory stays
+    O(chunk * k) whatever the sizes.
+
+    Returns `{"k", "queries", "database", "precision_at_1", "precision_at_k", "map_at_k",
+    "recall_at_k", "unlabelled_queries", "no_relevant_queries"}`; `queries` counts scored queries.
     """
-    q_labels, d_labels = _label_array(query_labels), _label_array(db_labels)
-    index = index or KnnIndex(metric=metric, kind="exact").fit(db_emb)
-    values, counts = np.unique(d_labels[d_labels != None], return_counts=True)  # noqa: E711
-    per_label = dict(zip(values.tolist(), counts.tolist(), strict=True))
-    scored = np.array([lab is not None and per_label.get(lab, 0) - int(exclude_self) > 0 for lab in q_labels])
-    all_hits, totals = [], []
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    query_emb = np.asarray(query_emb, dtype=np.float32)
+    if len(query_emb) != len(query_labels) or len(db_emb) != len(db_labels):
+        raise ValueError("each embedding needs a label entry (None when unknown)")
+    if exclude_self and len(query_labels) != len(db_labels):
+        raise ValueError("exclude_self: the queries must be the database items, in the same order")
+    q_codes, db_codes, counts = _label_codes(query_labels, db_labels)
+    totals = np.where(q_codes >= 0, counts[np.maximum(q_codes, 0)] - int(exclude_self), 0)
+    scored = totals > 0
+    if index is None and scored.any():
+        index = KnnIndex(metric=metric, kind="exact").fit(db_emb)
     fetch = k + 1 if exclude_self else k
-    for start in range(0, len(q_labels), chunk):
-        ids_range = np.arange(start, min(start + chunk, len(q_labels)))
-        ids_range = ids_range[scored[ids_range]]
-        if len(ids_range) == 0:
+    hits_parts, totals_parts = [], []
+    for start in range(0, len(q_codes), chunk):
+        rows = np.arange(start, min(start + chunk, len(q_codes)))
+        rows = rows[scored[rows]]
+        if len(rows) == 0:
             continue
-        _, ids = index.search(np.asarray(query_emb)[ids_range], fetch)
+        assert index is not None
+        _, ids = index.search(query_emb[rows], fetch)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[1] < fetch:  # a database of k items or fewer: pad with "no result"
+            ids = np.pad(ids, ((0, 0), (0, fetch - ids.shape[1])), constant_values=-1)
         if exclude_self:
-            keep = ids != ids_range[:, None]
-            keep[keep.all(axis=1), -1] = False  # self not among them: drop the extra last result
-            ids = ids[keep].reshape(len(ids_range), -1)[:, :k]
-        hits = d_labels[ids] == q_labels[ids_range][:, None]
-        if hits.shape[1] < k:  # a database smaller than k: missing results count as misses
-            hits = np.pad(hits, ((0, 0), (0, k - hits.shape[1])))
-        all_hits.append(hits)
-        totals.append(np.array([per_label[lab] - int(exclude_self) for lab in q_labels[ids_range]]))
-    result: dict[str, float | int] = {
+            _, ids = drop_ids(ids, ids, rows, k)
+        valid = ids >= 0
+        hits = valid & (db_codes[np.where(valid, ids, 0)] == q_codes[rows][:, None])
+        hits = hits[:, :k]
+        hits_parts.append(hits)
+        totals_parts.append(totals[rows])
+    hits_all = np.concatenate(hits_parts) if hits_parts else np.zeros((0, k), bool)
+    totals_all = np.concatenate(totals_parts) if totals_parts else np.zeros(0, np.int64)
+    return {
         "k": k,
         "queries": int(scored.sum()),
-        "database": len(d_labels),
-        "unscored_queries": int((~scored).sum()),
-        "metric": metric,  # type: ignore[dict-item]
+        "database": len(db_codes),
+        **scores_from_hits(hits_all, totals_all, k),
+        "unlabelled_queries": int((q_codes < 0).sum()),
+        "no_relevant_queries": int(((q_codes >= 0) & ~scored).sum()),
     }
-    if all_hits:
-        result.update(scores_from_hits(np.concatenate(all_hits), np.concatenate(totals), k))
-    else:
-        result.update({"precision_at_1": 0.0, "precision_at_k": 0.0, "map_at_k": 0.0, "recall_at_k": 0.0})
-    return result

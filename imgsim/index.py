@@ -3,20 +3,48 @@
     clusterer = KMeansClusterer(n_clusters=4).fit(emb);  clusterer.predict(q)
     index = KnnIndex(metric="cosine").fit(emb);          distances, ids = index.search(q, k=10)
 
-Distances: cosine distance `1 - cos(q, x)` (0 = same direction, 2 = opposite) or Euclidean `||q - x||`.
-Kinds: `exact` (faiss flat, brute force), `ivf` (faiss IVF-Flat: the KMeans idea as a coarse
-quantiser, searching the `nprobe` nearest of `nlist` partitions), `auto` (IVF above
-`ivf_threshold` vectors). `save(dir)` writes a whole directory beside the target and swaps it in,
-so a crash never leaves a half-written index.
+Distances, as users see them:
+- cosine: `1 - cos(q, x)`, from 0 (same direction) through 1 (orthogonal) to 2 (opposite). Vectors
+  are L2-normalised at fit and at query time; the index holds unit vectors, searched by inner product.
+- l2: the Euclidean distance `||q - x||` (faiss works with squares; we return the root).
+
+Kinds:
+- exact: a faiss flat index (brute force): always the true neighbours, cost linear in N per query.
+- ivf: faiss IVF-Flat. KMeans in the search metric splits the vectors into `nlist` partitions
+  (default 4·sqrt(N)); a query scans only its `nprobe` nearest partitions.
+- auto: ivf from `ivf_threshold` vectors up, exact below.
+
+The original design searched only within the query's predicted cluster: `search_within`. It is exact
+inside the cluster but misses neighbours across a cluster boundary; bench/search.py measures that
+recall cost against exact search.
+
+ids are row numbers of the fitted matrix and never -1: k is capped at the index size, and an IVF query
+whose probed partitions hold fewer than k items is re-run over all partitions. The one exception is
+`search_within`, whose rows are padded with id -1 / distance inf when the query's cluster has fewer
+than k items.
+
+`save(dir)` writes a complete new directory beside `dir` and swaps it in (an atomic exchange on
+Linux), so a crash never leaves a half-written index; `load(dir, expect_fingerprint=...)` refuses an
+index built with another model.
+
+Threads: faiss uses OpenMP, by default one thread per core (or $OMP_NUM_THREADS). $IMGSIM_THREADS or
+`set_threads(n)` overrides that. Use 1 on an oversubscribed machine: when faiss's threads compete with
+other processes for the cores, OpenMP's barriers make it many times slower (KMeans on 60K x 64 took
+13 s with 2 threads against 0.5 s with 1 on a 2-core machine with load 14).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +52,148 @@ import faiss
 import numpy as np
 
 from imgsim.config import DEFAULTS
-from imgsim.errors import ModelMismatch, RunNotFound
+from imgsim.errors import ImgsimError, ModelMismatch, RunNotFound
 
 META_FILE = "meta.json"
+INDEX_FILE = "knn.faiss"
+METRICS = ("cosine", "l2")
+KINDS = ("auto", "exact", "ivf")
+IVF_TRAIN_POINTS_PER_LIST = 64  # training sample per IVF partition (faiss wants at least 39)
+IVF_TRAIN_ITERATIONS = 10  # KMeans iterations for the coarse quantiser
+GATHER_MIN_QUERIES = 64  # search_within on an exact index: from this many queries per cluster, use BLAS
+STALE_STAGING_S = 3600  # staging directories older than this were left by a killed writer
 
 
-def _as_float32(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-    return x[None, :] if x.ndim == 1 else x
+def set_threads(n: int | None = None) -> int:
+    """Let faiss use `n` threads (None: $IMGSIM_THREADS when set, else leave it); returns the count."""
+    if n is None:
+        env = os.environ.get("IMGSIM_THREADS", "").strip()
+        n = int(env) if env.isdigit() else None
+    if n is not None:
+        faiss.omp_set_num_threads(max(1, n))
+    return int(faiss.omp_get_max_threads())
 
 
-def normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = _as_float32(x).copy()
+set_threads()
+
+
+def as_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
+    """`x` as a C-contiguous float32 (N, D) matrix (a single vector becomes one row); rejects NaN/inf."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"{what} must be a (N, D) matrix, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return np.ascontiguousarray(x)
+
+
+def normalise(x: Any) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as a new float32 matrix."""
+    x = as_matrix(x).copy()
     faiss.normalize_L2(x)
     return x
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Swap directory `tmp` into place at `target` (old version removed only after the swap)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def default_nlist(n: int) -> int:
+    """IVF partitions for `n` vectors: 4·sqrt(n), at most n/39 so each has enough training points."""
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
 
 
+def drop_ids(
+    scores: np.ndarray, ids: np.ndarray, exclude: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove id `exclude[i]` from row i of a (N, k+1) result, keeping the best `k` (leave-one-out).
+
+    Rows that do not contain their excluded id lose their last (worst) result instead. Exclusion is by
+    id, never by distance: a collection may hold exact duplicates of the query.
+    """
+    keep = ids != np.asarray(exclude, dtype=np.int64)[:, None]
+    keep[keep.all(axis=1), -1] = False
+    rows, cols = len(ids), ids.shape[1] - 1
+    return scores[keep].reshape(rows, cols)[:, :k], ids[keep].reshape(rows, cols)[:, :k]
+
+
+# -- atomic directory replacement --------------------------------------------------------------------
 def staging_dir(target: Path) -> Path:
+    """A fresh empty directory beside `target`, to be filled and then swapped in by `replace_dir`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, and the directories, to disk before the swap."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_dir(target: Path) -> None:
+    """Put back the previous version of `target` if a save died between its two renames."""
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        with contextlib.suppress(OSError):  # another process may be recovering it right now
+            os.replace(aside[-1], target)
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete what killed writers left beside `target`: set-aside old versions, old staging dirs."""
+    now = time.time()
+    for p in target.parent.glob(f".{target.name}.*"):
+        stale = ".old-" in p.name or (p.suffix == ".tmp" and now - p.stat().st_mtime > STALE_STAGING_S)
+        if stale and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Swap the complete directory `tmp` into place at `target`, then delete the old version.
+
+    Linux: one atomic exchange. Elsewhere: two renames; a crash between them is repaired by
+    `recover_dir` (called by `load`), which restores the old version.
+    """
+    _fsync_tree(tmp)
+    recover_dir(target)
+    if target.exists() and _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
+    else:
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _remove_stale(target)
+
+
+# -- KMeans ------------------------------------------------------------------------------------------
 class KMeansClusterer:
-    """KMeans on embeddings, in the search metric's space (unit vectors for cosine)."""
+    """KMeans (faiss) on embeddings, in the search metric's space: spherical KMeans on unit vectors for
+    cosine, so a cluster groups what search finds similar. Deterministic for a given seed and data.
+
+    Fitted: `centroids_` (K, D) float32 (unit length for cosine), `labels_` (N,) int64, `n_clusters_`
+    (K, fewer than asked when there are fewer vectors).
+    """
 
     def __init__(
         self,
@@ -67,19 +202,28 @@ class KMeansClusterer:
         seed: int = 0,
         n_iter: int = 25,
         n_init: int = 3,
+        max_points_per_centroid: int = 100_000,
     ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if n_clusters < 1:
+            raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
         self.n_clusters = n_clusters
         self.metric = metric
         self.seed = seed
         self.n_iter = n_iter
         self.n_init = n_init
+        self.max_points_per_centroid = max_points_per_centroid
 
-    def _space(self, x: np.ndarray) -> np.ndarray:
-        return normalise(x) if self.metric == "cosine" else _as_float32(x)
+    def _space(self, x: Any) -> np.ndarray:
+        return normalise(x) if self.metric == "cosine" else as_matrix(x)
 
     def fit(self, emb: np.ndarray) -> KMeansClusterer:
+        """Learn the centroids (best of `n_init` runs) and each embedding's cluster."""
         x = self._space(emb)
-        k = max(1, min(self.n_clusters, len(x)))
+        if len(x) == 0:
+            raise ValueError("cannot cluster an empty set of embeddings")
+        k = min(self.n_clusters, len(x))
         km = faiss.Kmeans(
             x.shape[1],
             k,
@@ -87,41 +231,65 @@ class KMeansClusterer:
             nredo=self.n_init,
             seed=self.seed,
             spherical=self.metric == "cosine",
+            max_points_per_centroid=self.max_points_per_centroid,
+            min_points_per_centroid=1,  # small collections are fine; no faiss warning
             verbose=False,
-            max_points_per_centroid=100_000,
         )
         km.train(x)
-        self.centroids_ = km.centroids.copy()
-        self.labels_ = self.predict(emb)
+        self.centroids_ = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        self.n_clusters_ = k
+        self._centroid_index = None
+        self.labels_ = self.predict(x)
         return self
 
     def predict(self, q: np.ndarray) -> np.ndarray:
-        """The nearest centroid of each row."""
-        x = self._space(q)
-        index = faiss.IndexFlatIP(x.shape[1]) if self.metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
-        index.add(self.centroids_)
-        _, ids = index.search(x, 1)
+        """The nearest centroid (cluster number) of each row of `q`, as int64."""
+        if self._centroid_index is None:
+            index = faiss.IndexFlat(self.centroids_.shape[1], _faiss_metric(self.metric))
+            index.add(self.centroids_)
+            self._centroid_index = index
+        _, ids = self._centroid_index.search(self._space(q), 1)
         return ids[:, 0].astype(np.int64)
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.save(d / "centroids.npy", self.centroids_)
-        (d / "kmeans.json").write_text(
-            json.dumps({"n_clusters": self.n_clusters, "metric": self.metric, "seed": self.seed})
-        )
+        """Write centroids.npy and kmeans.json to `directory`, atomically."""
+        target = Path(directory)
+        tmp = staging_dir(target)
+        try:
+            np.save(tmp / "centroids.npy", self.centroids_)
+            meta = {"n_clusters": self.n_clusters_, "metric": self.metric, "seed": self.seed}
+            (tmp / "kmeans.json").write_text(json.dumps(meta, indent=2) + "\n")
+            replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> KMeansClusterer:
+        """The clusterer saved in `directory`."""
         d = Path(directory)
+        recover_dir(d)
+        if not (d / "kmeans.json").is_file():
+            raise RunNotFound(f"no clusters at {d} — run `imgsim index DATA --model RUN` first")
         meta = json.loads((d / "kmeans.json").read_text())
         obj = cls(n_clusters=meta["n_clusters"], metric=meta["metric"], seed=meta["seed"])
-        obj.centroids_ = np.load(d / "centroids.npy")
+        obj.centroids_ = np.load(d / "centroids.npy").astype(np.float32)
+        obj.n_clusters_ = len(obj.centroids_)
+        obj._centroid_index = None
         return obj
 
 
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
+# -- KNN ---------------------------------------------------------------------------------------------
 class KnnIndex:
-    """K nearest neighbours over embeddings, exact or partitioned (IVF)."""
+    """K nearest neighbours over embeddings, exact or partitioned (IVF); see the module docstring.
+
+    Fitted: `kind_` ("exact" or "ivf"), `n_`, `dim_`, `nlist_` (None for exact), `index_` (faiss).
+    Searching is thread-safe (no per-call state is stored on the index).
+    """
 
     def __init__(
         self,
@@ -132,10 +300,12 @@ class KnnIndex:
         ivf_threshold: int = DEFAULTS.index.ivf_threshold,
         seed: int = 0,
     ) -> None:
-        if metric not in ("cosine", "l2"):
-            raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
-        if kind not in ("auto", "exact", "ivf"):
-            raise ValueError(f"kind must be 'auto', 'exact' or 'ivf', got {kind!r}")
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe}")
         self.metric = metric
         self.kind = kind
         self.nprobe = nprobe
@@ -143,75 +313,192 @@ class KnnIndex:
         self.ivf_threshold = ivf_threshold
         self.seed = seed
 
-    def _space(self, x: np.ndarray) -> np.ndarray:
-        return normalise(x) if self.metric == "cosine" else _as_float32(x)
+    # -- fit -----------------------------------------------------------------------------------------
+    def _space(self, x: Any, what: str = "embeddings") -> np.ndarray:
+        x = as_matrix(x, what)
+        if self.metric == "cosine":
+            x = x.copy()
+            faiss.normalize_L2(x)
+        return x
 
     def fit(self, emb: np.ndarray) -> KnnIndex:
+        """Index the rows of `emb` (N, D); their row numbers are the ids `search` returns."""
         x = self._space(emb)
         n, d = x.shape
-        self.kind_ = (
-            "ivf" if self.kind == "ivf" or (self.kind == "auto" and n >= self.ivf_threshold) else "exact"
-        )
-        faiss_metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-        if self.kind_ == "exact":
-            index = faiss.IndexFlat(d, faiss_metric)
-        else:
-            self.nlist_ = self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-            quantiser = faiss.IndexFlat(d, faiss_metric)
-            index = faiss.IndexIVFFlat(quantiser, d, self.nlist_, faiss_metric)
+        if n == 0:
+            raise ValueError("cannot index an empty set of embeddings")
+        ivf = self.kind == "ivf" or (self.kind == "auto" and n >= self.ivf_threshold)
+        metric = _faiss_metric(self.metric)
+        self.nlist_: int | None = None
+        if ivf:
+            self.nlist_ = max(1, min(self.nlist or default_nlist(n), n))
+            quantiser = faiss.IndexFlat(d, metric)
+            index: Any = faiss.IndexIVFFlat(quantiser, d, self.nlist_, metric)
             index.cp.seed = self.seed
-            sample = (
-                x
-                if n <= self.nlist_ * 64
-                else x[np.random.default_rng(self.seed).choice(n, self.nlist_ * 64, replace=False)]
-            )
-            index.train(sample)
+            index.cp.niter = IVF_TRAIN_ITERATIONS
+            index.cp.spherical = self.metric == "cosine"
+            index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
+            index.cp.min_points_per_centroid = 1
+            index.train(x)
             index.nprobe = min(self.nprobe, self.nlist_)
+            self._quantiser = quantiser  # the IVF index does not own it from Python
+        else:
+            index = faiss.IndexFlat(d, metric)
         index.add(x)
         self.index_ = index
+        self.kind_ = "ivf" if ivf else "exact"
         self.n_, self.dim_ = n, d
+        self._within_cache: tuple[Any, dict[int, tuple[np.ndarray, int]]] | None = None
         return self
+
+    def __len__(self) -> int:
+        return int(self.n_)
+
+    # -- search --------------------------------------------------------------------------------------
+    def _queries(self, q: Any) -> np.ndarray:
+        if not hasattr(self, "index_"):
+            raise RuntimeError("this KnnIndex is not fitted: call fit(emb) or KnnIndex.load(dir) first")
+        x = self._space(q, "queries")
+        if x.shape[1] != self.dim_:
+            raise ValueError(f"queries have dimension {x.shape[1]}, the index {self.dim_}")
+        return x
 
     def _to_distance(self, scores: np.ndarray) -> np.ndarray:
         if self.metric == "cosine":
             return np.clip(1.0 - scores, 0.0, 2.0).astype(np.float32)
         return np.sqrt(np.maximum(scores, 0.0)).astype(np.float32)
 
-    def search(self, q: np.ndarray, k: int = 10, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(distances (N, k'), ids (N, k')) nearest first, with k' = min(k, size of the index)."""
-        x = self._space(q)
-        k = max(1, min(k, self.n_))
+    def _search(
+        self, x: np.ndarray, k: int, nprobe: int | None = None, sel: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss scores and ids; for IVF, rows left short of k results are re-run over every list."""
         if self.kind_ == "ivf":
-            self.index_.nprobe = min(nprobe or self.nprobe, self.nlist_)
-        scores, ids = self.index_.search(x, k)
-        return self._to_distance(scores), ids.astype(np.int64)
+            assert self.nlist_ is not None
+            probe = min(nprobe or self.nprobe, self.nlist_)
+            scores, ids = self.index_.search(x, k, params=faiss.SearchParametersIVF(nprobe=probe, sel=sel))
+            short = (ids < 0).any(axis=1)
+            if short.any() and probe < self.nlist_:
+                everything = faiss.SearchParametersIVF(nprobe=self.nlist_, sel=sel)
+                scores[short], ids[short] = self.index_.search(x[short], k, params=everything)
+        else:
+            params = None if sel is None else faiss.SearchParameters(sel=sel)
+            scores, ids = self.index_.search(x, k, params=params)
+        return scores, ids.astype(np.int64)
+
+    def search(
+        self,
+        q: np.ndarray,
+        k: int = 10,
+        *,
+        nprobe: int | None = None,
+        exclude_self_ids: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` nearest indexed items of each query row: (distances float32, ids int64), each (N, k'),
+        nearest first, with k' = min(k, size of the index).
+
+        `nprobe`: partitions to scan (IVF only; default the index's). `exclude_self_ids[i]`: an id to
+        leave out of row i's results (leave-one-out evaluation); then k' = min(k, size - 1).
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        x = self._queries(q)
+        if exclude_self_ids is None:
+            scores, ids = self._search(x, min(k, self.n_), nprobe)
+            return self._to_distance(scores), ids
+        exclude = np.asarray(exclude_self_ids, dtype=np.int64).reshape(-1)
+        if len(exclude) != len(x):
+            raise ValueError(f"exclude_self_ids has {len(exclude)} ids for {len(x)} queries")
+        want = min(k, self.n_ - 1)
+        if want == 0:
+            return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
+        scores, ids = drop_ids(*self._search(x, want + 1, nprobe), exclude, want)
+        return self._to_distance(scores), ids
+
+    def _cluster_members(self, item_clusters: Any, cluster: int) -> tuple[np.ndarray, int]:
+        """(bitmap for faiss.IDSelectorBitmap, member count) of one cluster; cached per array object."""
+        if self._within_cache is None or self._within_cache[0] is not item_clusters:
+            self._within_cache = (item_clusters, {})
+        cache = self._within_cache[1]
+        if cluster not in cache:
+            mask = np.asarray(item_clusters).reshape(-1) == cluster
+            cache[cluster] = (np.packbits(mask, bitorder="little"), int(mask.sum()))
+        return cache[cluster]
+
+    def search_within(
+        self,
+        q: np.ndarray,
+        k: int,
+        query_clusters: np.ndarray,
+        item_clusters: np.ndarray,
+        *,
+        nprobe: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, but row i only among the items whose cluster is `query_clusters[i]` (the
+        original design). `item_clusters` (N,) is every indexed item's cluster; pass the same array
+        object on each call (its per-cluster masks are cached) and do not modify it in place.
+
+        Rows of a cluster with fewer than k items end with id -1 and distance inf.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        x = self._queries(q)
+        qc = np.asarray(query_clusters, dtype=np.int64).reshape(-1)
+        if len(qc) != len(x):
+            raise ValueError(f"query_clusters has {len(qc)} entries for {len(x)} queries")
+        if np.asarray(item_clusters).size != self.n_:
+            raise ValueError(f"item_clusters has {np.asarray(item_clusters).size} entries, index {self.n_}")
+        k = min(k, self.n_)
+        dist = np.full((len(x), k), np.inf, np.float32)
+        ids = np.full((len(x), k), -1, np.int64)
+        for c in np.unique(qc):
+            rows = np.flatnonzero(qc == c)
+            bitmap, count = self._cluster_members(item_clusters, int(c))
+            kc = min(k, count)
+            if kc == 0:
+                continue
+            if self.kind_ == "exact" and len(rows) >= GATHER_MIN_QUERIES:
+                members = np.flatnonzero(np.unpackbits(bitmap, count=self.n_, bitorder="little"))
+                scores, local = faiss.knn(
+                    x[rows], self._vectors()[members], kc, metric=_faiss_metric(self.metric)
+                )
+                found = members[local]
+            else:
+                sel = faiss.IDSelectorBitmap(self.n_, faiss.swig_ptr(bitmap))
+                scores, found = self._search(x[rows], kc, nprobe, sel=sel)
+            dist[rows, :kc], ids[rows, :kc] = self._to_distance(scores), found
+        return dist, ids
 
     def search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Search only among the ids in `allowed` (e.g. the query's cluster), brute force."""
-        allowed = np.asarray(allowed, dtype=np.int64)
-        if len(allowed) == 0:
-            return np.zeros((len(_as_float32(q)), 0), np.float32), np.zeros(
-                (len(_as_float32(q)), 0), np.int64
-            )
-        k = max(1, min(k, len(allowed)))
-        sel = faiss.IDSelectorBatch(allowed)
-        params = (
-            faiss.SearchParametersIVF(sel=sel, nprobe=self.nlist_)
-            if self.kind_ == "ivf"
-            else faiss.SearchParameters(sel=sel)
-        )
-        scores, ids = self.index_.search(self._space(q), k, params=params)
-        return self._to_distance(scores), ids.astype(np.int64)
+        """Like `search`, but only among the ids in `allowed`; k' = min(k, len(allowed))."""
+        x = self._queries(q)
+        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+        allowed = allowed[(allowed >= 0) & (allowed < self.n_)]
+        k = min(k, len(allowed))
+        if k == 0:
+            return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
+        mask = np.zeros(self.n_, bool)
+        mask[allowed] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(self.n_, faiss.swig_ptr(bitmap))
+        scores, ids = self._search(x, k, sel=sel)
+        return self._to_distance(scores), ids
 
+    def _vectors(self) -> np.ndarray:
+        """The stored (N, D) vectors of an exact index, without a copy."""
+        return faiss.rev_swig_ptr(self.index_.get_xb(), self.n_ * self.dim_).reshape(self.n_, self.dim_)
+
+    # -- save / load ---------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
+        """What `save` records in meta.json (besides the model fingerprint)."""
         return {
             "metric": self.metric,
             "kind": self.kind_,
-            "n": self.n_,
-            "dim": self.dim_,
-            "nprobe": self.nprobe,
-            "nlist": getattr(self, "nlist_", None),
+            "n": int(self.n_),
+            "dim": int(self.dim_),
+            "nprobe": int(self.nprobe),
+            "nlist": self.nlist_,
+            "faiss_version": faiss.__version__,
         }
 
     def save(
@@ -220,36 +507,53 @@ class KnnIndex:
         model_fingerprint: str = "",
         extra_files: dict[str, Any] | None = None,
     ) -> None:
-        """Write the index (and `extra_files`: name → callable(path)) to `directory` atomically."""
+        """Write knn.faiss + meta.json (and `extra_files`: name → callable(path) that writes it) as the
+        whole directory `directory`, atomically: readers see the old directory or the new one.
+
+        `model_fingerprint` is opaque: `load(expect_fingerprint=...)` compares it.
+        """
         target = Path(directory)
         tmp = staging_dir(target)
         try:
-            faiss.write_index(self.index_, str(tmp / "knn.faiss"))
+            faiss.write_index(self.index_, str(tmp / INDEX_FILE))
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
-            (tmp / META_FILE).write_text(
-                json.dumps({**self.meta, "model_fingerprint": model_fingerprint}, indent=2)
-            )
+            meta = {**self.meta, "model_fingerprint": model_fingerprint}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        self.model_fingerprint_ = model_fingerprint
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], expect_fingerprint: str | None = None) -> KnnIndex:
+        """The index saved in `directory`; `ModelMismatch` if it was built with another model."""
         d = Path(directory)
+        recover_dir(d)
         if not (d / META_FILE).is_file():
             raise RunNotFound(f"no index at {d} — run `imgsim index DATA --model RUN` first")
         meta = json.loads((d / META_FILE).read_text())
-        if expect_fingerprint is not None and meta.get("model_fingerprint") != expect_fingerprint:
+        built_with = meta.get("model_fingerprint", "")
+        if expect_fingerprint is not None and built_with != expect_fingerprint:
             raise ModelMismatch(
-                f"the index in {d} was built with another model ({meta.get('model_fingerprint')}, "
-                f"now {expect_fingerprint}) — re-run `imgsim index DATA --model RUN`"
+                f"the index in {d} was built with another model (fingerprint {built_with or 'none'}, "
+                f"loaded model {expect_fingerprint}) — re-run `imgsim index DATA --model RUN`"
+            )
+        try:
+            index = faiss.read_index(str(d / INDEX_FILE))
+        except RuntimeError as e:
+            raise ImgsimError(
+                f"cannot read the index {d / INDEX_FILE} ({str(e).strip().splitlines()[-1]}) — "
+                "re-run `imgsim index DATA --model RUN`"
+            ) from None
+        if index.ntotal != meta["n"] or index.d != meta["dim"]:
+            raise ImgsimError(
+                f"{d}: knn.faiss does not match meta.json — re-run `imgsim index DATA --model RUN`"
             )
         obj = cls(metric=meta["metric"], kind=meta["kind"], nprobe=meta["nprobe"], nlist=meta.get("nlist"))
-        obj.index_ = faiss.read_index(str(d / "knn.faiss"))
-        obj.kind_, obj.n_, obj.dim_ = meta["kind"], meta["n"], meta["dim"]
-        if meta.get("nlist"):
-            obj.nlist_ = meta["nlist"]
-        obj.model_fingerprint_ = meta.get("model_fingerprint", "")
+        obj.index_, obj.kind_, obj.n_, obj.dim_ = index, meta["kind"], int(meta["n"]), int(meta["dim"])
+        obj.nlist_ = meta.get("nlist")
+        obj.model_fingerprint_ = built_with
+        obj._within_cache = None
         return obj

@@ -2,9 +2,10 @@
 
 Input is the uint8 (N, C, S, S) batch that `imgsim.decode.decode_image` produces; scaling to
 [0, 1] happens here, so training, indexing and serving share one preprocessing path. `embed()`
-returns the search embedding: the bottleneck minus the training-set mean (a buffer saved with the
-weights), which makes cosine similarity compare directions around the data's centre rather than
-around the origin.
+returns the search embedding: the bottleneck, centred on the training-set mean and PCA-whitened
+with the training-set covariance (buffers saved with the weights). Centring makes cosine similarity
+compare directions around the data's centre rather than the origin; whitening stops a few
+high-variance directions from dominating the distance. Both measurably raise precision@k.
 
 Training objective (see `pipelines/train.py`): reconstruction of the clean image from an augmented
 view (denoising) plus an auxiliary contrastive term (InfoNCE) that pulls together the embeddings of
@@ -103,7 +104,9 @@ class AutoEncoder(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(config.dim, config.dim), nn.ReLU(inplace=True), nn.Linear(config.dim, config.proj_dim)
         )
+        # embedding post-processing fitted on the training data after training (see fit_whitening)
         self.register_buffer("emb_mean", torch.zeros(config.dim))
+        self.register_buffer("emb_whiten", torch.eye(config.dim))
 
     # -- pieces ---------------------------------------------------------------------------------
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +136,7 @@ class AutoEncoder(nn.Module):
     # -- inference ------------------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-        """THE search embedding for uint8 (N, C, S, S) images: float32 (N, D), centred."""
+        """THE search embedding for uint8 (N, C, S, S) images: float32 (N, D), centred and whitened."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -143,7 +146,8 @@ class AutoEncoder(nn.Module):
         out = []
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size].to(device, non_blocking=True)
-            out.append((self.encode(self.to_float(x)) - self.emb_mean).float().cpu())
+            z = self.encode(self.to_float(x)).float()
+            out.append(((z - self.emb_mean) @ self.emb_whiten).cpu())
         self.train(was_training)
         if not out:
             return np.zeros((0, self.config.dim), dtype=np.float32)
@@ -238,6 +242,16 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> to
     sim.fill_diagonal_(float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, targets)
+
+
+def fit_whitening(model: AutoEncoder, total: torch.Tensor, outer: torch.Tensor, count: float) -> None:
+    """Set the centring/whitening buffers from sums over training bottlenecks (sum z, sum z zᵀ, n)."""
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov.double())
+    eigval = eigval.clamp(min=0) + 1e-6 * float(eigval.max().clamp(min=1e-12))
+    model.emb_mean.copy_(mean.float())
+    model.emb_whiten.copy_((eigvec / eigval.sqrt()).float())
 
 
 def training_loss(

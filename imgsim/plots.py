@@ -48,99 +48,175 @@ def plot_loss(
     return save_figure(fig, out)
 
 
-def _sample(n: int, max_points: int, strata: np.ndarray, seed: int) -> np.ndarray:
-    """Indices of at most `max_points` items, drawn proportionally from each stratum (cluster)."""
+def _sample(strata: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices of min(n, max_points) items drawn at random within each stratum (cluster), each
+    stratum keeping its share of the sample (largest remainders; at least one item when room allows)."""
+    n = len(strata)
     if n <= max_points:
         return np.arange(n)
     rng = np.random.default_rng(seed)
-    picked = []
-    for s in np.unique(strata):
-        members = np.flatnonzero(strata == s)
-        take = max(1, round(len(members) * max_points / n))
-        picked.append(rng.choice(members, min(take, len(members)), replace=False))
-    return np.sort(np.concatenate(picked))[:max_points]
+    values, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    quota = counts * max_points / n
+    take = np.floor(quota).astype(np.int64)
+    if len(values) <= max_points:
+        take = np.maximum(take, 1)
+    short = max_points - int(take.sum())
+    if short > 0:  # hand the rest to the largest remainders
+        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+        take[order[:short]] += 1
+    while take.sum() > max_points:  # the minimum of one per stratum overshot: trim the largest
+        take[np.argmax(take)] -= 1
+    picked = [
+        rng.choice(np.flatnonzero(inverse == i), int(t), replace=False) for i, t in enumerate(take) if t > 0
+    ]
+    return np.sort(np.concatenate(picked))
+
+
+def _palette(n: int) -> list[Any]:
+    """n distinguishable colours (tab10/tab20, then evenly spaced hues)."""
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    if n <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(i / max(1, n - 1)) for i in range(n)]
+
+
+def _scatter_by(ax: Any, xy: np.ndarray, values: np.ndarray, name: str) -> None:
+    """One colour per category of `values` (sorted naturally: 2 before 10), with a legend."""
+    cats = sorted(set(values.tolist()), key=lambda v: (len(v), v))
+    for colour, cat in zip(_palette(len(cats)), cats, strict=True):
+        m = values == cat
+        ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=colour, label=cat or "(none)", linewidths=0)
+    ax.set_title(f"coloured by {name} ({len(cats)})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(cats) <= 30:
+        ax.legend(markerscale=3, fontsize=8, loc="best", title=name, ncol=1 if len(cats) <= 12 else 2)
 
 
 def plot_tsne(
     emb: np.ndarray,
     clusters: np.ndarray,
-    labels: Sequence[str | None] | None,
+    labels: Sequence[str | None] | None = None,
+    *,
     out: str | os.PathLike[str],
     max_points: int = 10_000,
     seed: int = 0,
+    metric: str = "cosine",
 ) -> dict[str, Any]:
-    """t-SNE of (a cluster-stratified sample of at most `max_points`) embeddings, coloured by cluster
-    and, when labels are known, by label in a second panel."""
+    """t-SNE map of embeddings, coloured by cluster and, when any label is known, by label in a
+    second panel. Writes a PNG to `out`.
+
+    At most `max_points` points are drawn: a random sample stratified by cluster, so every cluster
+    keeps its share (t-SNE costs O(n log n) per iteration; 10K points take about a minute on two
+    cores). For `metric="cosine"` the vectors are L2-normalised first, the geometry search uses.
+    sklearn's TSNE with PCA initialisation and a fixed seed, so a run is reproducible.
+
+    Returns `{"points", "total", "clusters", "labelled", "out"}`.
+    """
     from sklearn.manifold import TSNE
 
-    clusters = np.asarray(clusters)
-    idx = _sample(len(emb), max_points, clusters, seed)
-    x = np.asarray(emb, dtype=np.float32)[idx]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # the cosine geometry searched
-    perplexity = float(min(30, max(2, (len(x) - 1) / 3)))
-    xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed, n_jobs=-1).fit_transform(
-        x
-    )
-    lab = None if labels is None else np.array([str(labels[i]) if labels[i] is not None else "" for i in idx])
-    has_labels = lab is not None and (lab != "").any()
-    fig, axes = plt.subplots(
-        1, 2 if has_labels else 1, figsize=(14 if has_labels else 7.5, 6.5), squeeze=False
-    )
-    panels = [("cluster", clusters[idx].astype(str))] + ([("label", lab)] if has_labels else [])
+    x_all = np.asarray(emb, dtype=np.float32)
+    clusters = np.asarray(clusters).reshape(-1)
+    if len(x_all) == 0:
+        raise ValueError("no embeddings to plot")
+    if len(clusters) != len(x_all) or (labels is not None and len(labels) != len(x_all)):
+        raise ValueError("clusters and labels need one entry per embedding")
+    idx = _sample(clusters, max_points, seed)
+    x = x_all[idx].reshape(len(idx), -1)
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if len(x) >= 4:
+        perplexity = float(min(30.0, (len(x) - 1) / 3))
+        xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+    else:  # t-SNE needs a few points; draw so few as they come
+        xy = np.zeros((len(x), 2))
+        xy[:, : min(2, x.shape[1])] = x[:, :2]
+    lab = None if labels is None else np.array(["" if labels[i] is None else str(labels[i]) for i in idx])
+    labelled = lab is not None and bool((lab != "").any())
+    panels = [("cluster", clusters[idx].astype(str))] + ([("label", lab)] if labelled else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6.5), squeeze=False)
     for ax, (name, values) in zip(axes[0], panels, strict=True):
-        cats = sorted(set(values.tolist()), key=lambda v: (len(v), v))
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
-        for j, cat in enumerate(cats):
-            m = values == cat
-            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=cmap(j % cmap.N), label=cat or "(none)")
-        ax.set_title(f"t-SNE of {len(idx):,} embeddings, coloured by {name}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(markerscale=3, fontsize=8, loc="best", title=name, ncol=1 if len(cats) <= 12 else 2)
+        _scatter_by(ax, xy, values, name)
+    shown = f"{len(idx):,} of {len(x_all):,}" if len(idx) < len(x_all) else f"{len(idx):,}"
+    fig.suptitle(f"t-SNE of {shown} embeddings ({metric})")
     save_figure(fig, out)
-    return {"points": int(len(idx)), "total": int(len(emb)), "out": str(out)}
+    return {
+        "points": int(len(idx)),
+        "total": int(len(x_all)),
+        "clusters": int(len(np.unique(clusters))),
+        "labelled": labelled,
+        "out": str(out),
+    }
 
 
 def plot_tsne_run(
     run: str | os.PathLike[str], out: str | os.PathLike[str], max_points: int = 10_000, seed: int = 0
 ) -> dict[str, Any]:
-    """t-SNE of RUN's indexed embeddings (what `imgsim tsne` draws)."""
-    from imgsim.runs import read_embeddings
+    """t-SNE of RUN's indexed embeddings (RUN/index/embeddings.parquet): what `imgsim tsne` draws."""
+    import json
+
+    from imgsim.runs import RunPaths, read_embeddings
 
     emb, cols = read_embeddings(run, columns=("label", "cluster"))
-    return plot_tsne(emb, np.asarray(cols["cluster"]), cols["label"], out, max_points=max_points, seed=seed)
+    manifest = RunPaths(run).manifest
+    metric = json.loads(manifest.read_text()).get("metric", "cosine") if manifest.is_file() else "cosine"
+    clusters = np.array([-1 if c is None else c for c in cols["cluster"]], dtype=np.int64)
+    return plot_tsne(emb, clusters, cols["label"], out=out, max_points=max_points, seed=seed, metric=metric)
+
+
+def _show(ax: Any, img: Image.Image) -> None:
+    """Draw a PIL image at its true grey levels / colours (no contrast stretching)."""
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
+    if img.mode == "L":
+        ax.imshow(img, cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _caption(rec: dict[str, Any]) -> str:
+    distance = rec.get("distance")
+    dist = "" if distance is None else f"  d={float(distance):.3f}"
+    label = str(rec.get("label") or "-")
+    label = label if len(label) <= 18 else label[:17] + "…"
+    cluster = rec.get("cluster")
+    return f"#{rec.get('rank', '?')}{dist}\n{label} · cluster {'-' if cluster is None else cluster}"
 
 
 def plot_result_grid(
-    query: Image.Image,
+    query_img: Image.Image,
     items: Sequence[tuple[Image.Image, dict[str, Any]]],
     out: str | os.PathLike[str],
     title: str = "",
 ) -> Path:
-    """The query image beside its results, each captioned with rank, distance, label and cluster."""
+    """The query image (left, larger) beside its results in a grid of up to 5 columns, each captioned
+    with rank, distance, label and cluster. `items`: (image, result record) pairs, best first."""
     cols = min(5, max(1, len(items)))
     rows = max(1, math.ceil(len(items) / cols))
-    fig = plt.figure(figsize=(2.2 * (cols + 1.3), 2.5 * rows))
-    grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1.3] + [1] * cols, wspace=0.15, hspace=0.35)
-    ax = fig.add_subplot(grid[:, 0])
-    ax.imshow(query, cmap="gray" if query.mode == "L" else None)
+    fig = plt.figure(figsize=(2.2 * (cols + 1.4), 2.5 * rows + 0.4))
+    grid = fig.add_gridspec(rows, cols + 1, width_ratios=[1.4] + [1] * cols, wspace=0.15, hspace=0.4)
+    ax = fig.add_subplot(grid[:, 0] if rows > 1 else grid[0, 0])
+    _show(ax, query_img)
     ax.set_title("query", fontweight="bold")
-    ax.axis("off")
     for n, (img, rec) in enumerate(items):
         a = fig.add_subplot(grid[n // cols, 1 + n % cols])
-        a.imshow(img, cmap="gray" if img.mode == "L" else None)
-        label = rec.get("label") or "-"
-        a.set_title(
-            f"#{rec['rank']}  d={rec['distance']:.3f}\n{label} · cluster {rec['cluster']}", fontsize=8
-        )
-        a.axis("off")
+        _show(a, img)
+        a.set_title(_caption(rec), fontsize=8)
+    if not items:
+        fig.text(0.6, 0.5, "no results", ha="center", va="center")
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, out)
 
 
 def plot_results(searcher: Any, query: Any, result: dict[str, Any], out: str | os.PathLike[str]) -> Path:
-    """Draw a search result (from `Searcher.search`) as a PNG grid."""
+    """Draw a search result (from `Searcher.search`) as a PNG: a thin adapter over
+    `plot_result_grid` that fetches the images through the searcher."""
     items = [(searcher.display_image(r["id"]), r) for r in result["results"]]
-    title = f"{result['query']}  (cluster {result['cluster']})"
+    title = f"{result.get('query', '')}  (cluster {result.get('cluster', '-')})"
     return plot_result_grid(searcher.load_display_image(query), items, out, title=title)

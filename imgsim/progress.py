@@ -38,3 +38,8 @@ def bar(total: int | None, desc: str = "", unit: str = "it") -> tqdm:
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
+
+
+def log(message: str) -> None:
+    """A status line for people, on stderr (stdout is kept for results, e.g. `--json`)."""
+    print(message, file=sys.stderr, flush=True)

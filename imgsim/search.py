@@ -92,6 +92,9 @@ class Searcher:
     def query_bytes(self, x: str | os.PathLike[str]) -> bytes:
         """The bytes of a query given as a path, s3:// URI or http(s) URL."""
         s = str(x)
+        scheme = s.split("://", 1)[0].lower() if "://" in s else ""
+        if scheme and scheme not in ("http", "https", "s3"):
+            raise BadQuery(f"{s}: only http and https URLs, s3:// URIs and local paths are supported")
         if is_url(s):
             return fetch_url(s, max_bytes=self.max_query_bytes, allow_private=self.allow_private_urls)
         try:

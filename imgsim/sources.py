@@ -1,8 +1,18 @@
 """Where images come from: a local folder or an `s3://bucket/prefix`.
 
 Listing returns metadata only (path, label, size, change token); bytes are read later, in
-parallel, by the ingest pipeline. S3 filesystems are built explicitly from the standard AWS
-settings, because pyarrow's `S3FileSystem()` does not read `AWS_ENDPOINT_URL` by itself.
+parallel, by the ingest pipeline (`pipelines.ingest`). Paths are kept as given: local paths are
+absolute (the root made absolute, symlinks not resolved), S3 paths are full `s3://bucket/key` URIs.
+
+S3 filesystems are built *explicitly* from the standard AWS settings, because pyarrow's
+`S3FileSystem()` does not read `AWS_ENDPOINT_URL` by itself:
+
+- endpoint: `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL` (MinIO, moto, any S3-compatible store);
+- credentials: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, else whatever
+  boto3's credential chain finds for `AWS_PROFILE` (profiles, SSO, instance roles), else anonymous
+  (public buckets);
+- region: `AWS_REGION`, else `AWS_DEFAULT_REGION`, else the profile's region, else us-east-1 when
+  an endpoint is set.
 """
 
 from __future__ import annotations
@@ -10,24 +20,44 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from imgsim.config import IMAGE_EXTENSIONS
+from imgsim.config import IMAGE_EXTENSIONS, MAX_FILE_BYTES
 from imgsim.errors import ImgsimError
+
+S3_PREFIX = "s3://"
+
+#: The environment variables that decide how S3 is reached (handed on to Ray workers).
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 
 
 class SourceError(ImgsimError):
-    """A DATA folder or prefix that cannot be listed or read."""
+    """A DATA folder or prefix that cannot be listed, or a file that cannot be read."""
+
+
+class FileTooLarge(SourceError, OSError):
+    """A file over the size limit, refused before its bytes are read (also an OSError: a read failure)."""
 
 
 @dataclass(frozen=True)
 class ImageRef:
     """One image found under a root.
 
-    `mtime` is the change token used by incremental indexing: the modification time in
-    nanoseconds for local files and S3 objects (S3's LastModified), together with `size`.
+    `mtime` is the change token used by incremental indexing, together with `size`: the
+    modification time in integer nanoseconds since the epoch — the file's mtime for local files,
+    the object's LastModified for S3 (re-uploading an object changes it, even with equal bytes).
     """
 
     path: str
@@ -37,14 +67,28 @@ class ImageRef:
 
 
 def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    """True for an `s3://` URI."""
+    return uri.startswith(S3_PREFIX)
 
 
 def is_image_name(name: str) -> bool:
+    """True if the file name has an image extension (any case)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _aws_setting(*names: str) -> str | None:
+def aws_settings() -> dict[str, str]:
+    """This process's AWS settings, to hand to Ray tasks (workers may have started without them)."""
+    return {k: os.environ[k] for k in AWS_SETTINGS if os.environ.get(k)}
+
+
+def apply_aws_settings(settings: dict[str, str] | None) -> None:
+    """Adopt the driver's AWS settings (from `aws_settings()`); settings it lacks are left as they are."""
+    for key, value in (settings or {}).items():
+        if key in AWS_SETTINGS and os.environ.get(key) != value:
+            os.environ[key] = value
+
+
+def _setting(*names: str) -> str | None:
     for name in names:
         value = os.environ.get(name)
         if value:
@@ -53,83 +97,139 @@ def _aws_setting(*names: str) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, profile: str | None) -> pafs.S3FileSystem:
-    kwargs: dict[str, object] = {}
-    access_key = _aws_setting("AWS_ACCESS_KEY_ID")
-    secret_key = _aws_setting("AWS_SECRET_ACCESS_KEY")
-    token = _aws_setting("AWS_SESSION_TOKEN")
-    if not (access_key and secret_key):
-        # Profiles, SSO, instance roles: let boto3's credential chain find them.
+def _s3_filesystem(settings: tuple[tuple[str, str], ...]) -> pafs.S3FileSystem:
+    env = dict(settings)
+    access_key, secret_key = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    token = env.get("AWS_SESSION_TOKEN")
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if not (access_key and secret_key) or not region:
+        # Profiles, SSO, instance roles and the profile's region: boto3 resolves them like the AWS CLI.
         import boto3
 
-        creds = boto3.Session(profile_name=profile).get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            access_key, secret_key, token = frozen.access_key, frozen.secret_key, frozen.token
+        session = boto3.Session(profile_name=env.get("AWS_PROFILE"))
+        region = region or session.region_name
+        if not (access_key and secret_key):
+            creds = session.get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                access_key, secret_key, token = frozen.access_key, frozen.secret_key, frozen.token
+    kwargs: dict[str, object] = {}
     if access_key and secret_key:
         kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token)
     else:
         kwargs["anonymous"] = True
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
-        kwargs["endpoint_override"] = endpoint
-        if endpoint.startswith("http://"):
-            kwargs["scheme"] = "http"
-    kwargs["region"] = region or "us-east-1"
+        scheme, _, host = endpoint.rstrip("/").rpartition("://")
+        kwargs["endpoint_override"] = host
+        kwargs["scheme"] = scheme or "https"
+        region = region or "us-east-1"
+    if region:
+        kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem from AWS_ENDPOINT_URL(_S3), AWS keys, AWS_REGION and AWS_PROFILE."""
-    return _s3_filesystem(
-        _aws_setting("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-        _aws_setting("AWS_REGION", "AWS_DEFAULT_REGION"),
-        _aws_setting("AWS_PROFILE"),
-    )
+    """An S3 filesystem from this process's AWS settings (cached per distinct settings)."""
+    return _s3_filesystem(tuple(sorted(aws_settings().items())))
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem holding `uri` and the path to hand it (bucket/key for S3)."""
+    """The filesystem holding `uri` and the path to hand it (`bucket/key` for S3, absolute locally)."""
     if is_s3(uri):
-        return s3_filesystem(), uri[len("s3://") :]
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+        return s3_filesystem(), uri[len(S3_PREFIX) :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _relative(root: str, path: str) -> str | None:
+    """`path` relative to `root` with "/" separators, or None if it is not under `root`."""
+    if is_s3(root) != is_s3(path):
+        return None
+    if is_s3(root):
+        base = root.rstrip("/") + "/"
+        return path[len(base) :] if path.startswith(base) else None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return None if rel == ".." or rel.startswith(".." + os.sep) else rel.replace(os.sep, "/")
 
 
 def label_for(root: str, path: str) -> str | None:
-    """The first sub-folder of `path` under `root`, or None for an image directly in `root`."""
-    rel = path[len(root) :].lstrip("/") if path.startswith(root) else path
+    """The first sub-folder of `path` under `root`; None for an image directly in `root` (or elsewhere)."""
+    rel = _relative(root, path)
+    if rel is None or rel == ".":
+        return None
     parts = rel.split("/")
     return parts[0] if len(parts) > 1 else None
 
 
+def _hint(root: str) -> str:
+    if is_s3(root):
+        return "check the bucket and prefix, AWS_ENDPOINT_URL, the credentials and the region"
+    return "check the path"
+
+
 def list_images(root: str) -> list[ImageRef]:
-    """Every image under `root` (recursively, sorted by path). Raises `SourceError` if unreadable."""
+    """Every image under `root`, recursively, sorted by path; raises `SourceError` if there is none.
+
+    Images have one of `IMAGE_EXTENSIONS` (any case). Hidden files and folders (name starting with
+    ".") are left out, as are things that are not regular files. `root` may also be one image file.
+    """
+    s3 = is_s3(root)
     fs, base = filesystem_for(root)
-    base = base.rstrip("/")
+    base = base.rstrip("/") or base
+    shown = S3_PREFIX + base if s3 else base  # how paths are reported: as given, made absolute
     try:
         info = fs.get_file_info(base)
-        if info.type == pafs.FileType.NotFound and not is_s3(root):
-            raise SourceError(f"{root}: no such folder — check the path")
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=is_s3(root)))
+        if info.type == pafs.FileType.File:
+            if not is_image_name(info.base_name):
+                raise SourceError(f"{root}: not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+            return [ImageRef(shown, None, int(info.size or 0), int(info.mtime_ns or 0))]
+        if info.type == pafs.FileType.NotFound and not s3:
+            raise SourceError(f"{root}: no such folder — {_hint(root)}")
+        if not s3 and info.type != pafs.FileType.Directory:
+            raise SourceError(f"{root}: not a folder or image file — {_hint(root)}")
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=s3))
+        if s3 and not infos:
+            bucket = base.split("/")[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise SourceError(f"{root}: no such bucket {bucket!r} — {_hint(root)}")
     except SourceError:
         raise
     except (OSError, ValueError) as e:
-        hint = " — check AWS_ENDPOINT_URL, credentials and the bucket name" if is_s3(root) else ""
-        raise SourceError(f"{root}: cannot list ({e}){hint}") from None
-    prefix = "s3://" if is_s3(root) else ""
+        raise SourceError(f"{root}: cannot list ({str(e).strip()}) — {_hint(root)}") from None
     refs = []
     for f in infos:
-        if f.type != pafs.FileType.File or not is_image_name(f.base_name) or f.base_name.startswith("."):
+        if f.type != pafs.FileType.File or not is_image_name(f.base_name):
             continue
-        mtime = f.mtime_ns if f.mtime_ns is not None else 0
-        refs.append(ImageRef(prefix + f.path, label_for(base, f.path), int(f.size or 0), int(mtime)))
+        rel = f.path[len(base) :].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        path = f"{shown}/{rel}"
+        refs.append(ImageRef(path, label_for(shown, path), int(f.size or 0), int(f.mtime_ns or 0)))
     if not refs:
-        raise SourceError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise SourceError(
+            f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case) — {_hint(root)}"
+        )
     refs.sort(key=lambda r: r.path)
     return refs
 
 
-def read_bytes(uri: str) -> bytes:
-    """The bytes of a local file or an `s3://` object."""
-    fs, path = filesystem_for(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+def read_bytes(uri: str, max_bytes: int | None = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a local file or an `s3://` object.
+
+    Raises `FileNotFoundError` if it is gone, `FileTooLarge` (without reading it all) if it holds
+    more than `max_bytes`, and `OSError` for other read failures.
+    """
+    want = -1 if max_bytes is None else max_bytes + 1  # one byte more tells "too large" apart
+    if not is_s3(uri):
+        with open(uri, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise FileTooLarge(f"file too large ({size:,} bytes > {max_bytes:,})")
+            data = f.read(want)
+    else:
+        fs, path = filesystem_for(uri)
+        with fs.open_input_stream(path) as f:
+            data = f.read() if want < 0 else f.read(want)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise FileTooLarge(f"file too large (over {max_bytes:,} bytes)")
+    return data

@@ -29,10 +29,11 @@ from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError
 from imgsim.index import KMeansClusterer, KnnIndex
-from imgsim.progress import bar
+from imgsim.progress import bar, log
 from imgsim.runs import RunPaths, embedding_matrix
 from imgsim.sources import ImageRef, list_images
 from pipelines.embed import StageTimes, embed_images
+from pipelines.ingest import as_text, error_reason
 
 FILES = "files.parquet"  # path, size, mtime, error: what the last run saw
 STAGING_ROWS = 4096  # rows per staged part file
@@ -72,10 +73,10 @@ def _write_part(
     table = pa.table(
         {
             "path": paths,
-            "label": [None if lab is None else str(lab) for lab in rows["label"]],
+            "label": [as_text(lab) for lab in rows["label"]],
             "size": [refs_by_path[p].size for p in paths],
             "mtime": [refs_by_path[p].mtime for p in paths],
-            "error": [None if e is None else str(e) for e in rows["error"]],
+            "error": [error_reason(e) for e in rows["error"]],
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(rows["embedding"].reshape(-1), pa.float32()), dim
             ),
@@ -131,7 +132,7 @@ def build_index(
         else:
             todo.append(ref)
     removed = len(set(previous) - set(refs_by_path))
-    print(
+    log(
         f"[index] {len(refs)} images: {len(todo)} to embed, {reused} unchanged, {resumed} from an "
         f"interrupted run, {removed} removed"
     )
@@ -151,10 +152,10 @@ def build_index(
                 part += 1
                 progress.update(len(batch["path"]))
                 for i, p in enumerate(batch["path"]):
-                    err = batch["error"][i]
+                    err = error_reason(batch["error"][i])
                     rows[str(p)] = {
                         "path": str(p),
-                        "label": batch["label"][i],
+                        "label": as_text(batch["label"][i]),
                         "size": refs_by_path[str(p)].size,
                         "mtime": refs_by_path[str(p)].mtime,
                         "error": err,
@@ -162,7 +163,7 @@ def build_index(
                     }
                 if _fail_after_parts is not None and part >= _fail_after_parts:
                     raise RuntimeError(f"injected failure after {part} parts")
-        print(f"[index] {times.summary()}")
+        log(f"[index] {times.summary()}")
 
     summary = _write_index(paths, refs, rows, fingerprint, data, clusters, metric, kind, nprobe)
     shutil.rmtree(staging, ignore_errors=True)

@@ -20,8 +20,9 @@ import ray
 
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
+from imgsim.progress import log
 from imgsim.sources import ImageRef
-from pipelines.ingest import read_images
+from pipelines.ingest import as_text, ok_mask, read_images
 
 
 class Embedder:
@@ -37,7 +38,7 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         started = time.perf_counter()
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        ok = ok_mask(batch["error"])
         emb = np.zeros((len(ok), self.model.config.dim), dtype=np.float32)
         if ok.any():
             emb[ok] = self.model.embed(batch["image"][ok])
@@ -124,15 +125,15 @@ def embed_folder(
     times = StageTimes()
     for batch in embed_images(root, run, **kwargs).iter_batches(batch_size=4096, batch_format="numpy"):
         times.add(batch)
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        ok = ok_mask(batch["error"])
         skipped += [
             {"path": str(p), "reason": str(e)}
             for p, e in zip(batch["path"][~ok], batch["error"][~ok], strict=True)
         ]
         paths += [str(p) for p in batch["path"][ok]]
-        labels += [None if lab is None else str(lab) for lab in batch["label"][ok]]
+        labels += [as_text(lab) for lab in batch["label"][ok]]
         chunks.append(batch["embedding"][ok])
-    print(f"[embed] {times.summary()}")
+    log(f"[embed] {times.summary()}")
     emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return paths, labels, emb, skipped
 

@@ -1,8 +1,13 @@
 """Ingest: stream images from a folder or `s3://` prefix into Ray Data rows.
 
-list (driver, metadata only) → `ray.data.from_items` → `map_batches(read + decode)` in parallel.
-Rows: `path`, `label`, `image` (uint8 C×S×S), `error` (None, or why the input was skipped; its
-image is then all zeros). The driver never holds image bytes or pixels.
+    list (driver, metadata only) → `ray.data.from_arrow` (path, label) → `map_batches(read + decode)`
+
+Rows: `path` (as listed: absolute local path or `s3://` URI), `label` (first sub-folder, or None),
+`image` (uint8 C×S×S from `imgsim.decode.decode_image`), `error` (None, or why the input was
+skipped — its image is then all zeros and must not be used), plus `read_s` / `decode_s` (each
+row's share of its batch's time in those stages, for stage timing). Every listed input appears
+exactly once; a file that is bad, unreadable or gone by the time it is read becomes an error row,
+never a failed job. The driver holds only the listing, never image bytes or pixels.
 
     ray job submit --working-dir . -- python -m pipelines.ingest DATA --image-size 32
 """
@@ -10,70 +15,173 @@ image is then all zeros). The driver never holds image bytes or pixels.
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
 import time
-from collections import Counter
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import ray
+from ray.data.extensions import ArrowTensorArray
 
+from imgsim.config import DEFAULTS, MAX_FILE_BYTES
 from imgsim.decode import greyscale_bytes, try_decode
-from imgsim.sources import ImageRef, list_images, read_bytes
+from imgsim.errors import ImgsimError
+from imgsim.sources import (
+    FileTooLarge,
+    ImageRef,
+    apply_aws_settings,
+    aws_settings,
+    is_s3,
+    list_images,
+    read_bytes,
+)
 
 #: Images per decode task: large enough to amortise task overhead, small enough to stream.
 READ_BATCH = 256
+#: Most listing rows per input block (so a huge listing is not one block per 256 images).
+MAX_INPUT_BLOCKS = 2000
+#: Parallel reads inside one task for S3 (latency-bound); local files are read one by one.
+S3_READ_THREADS = 8
+
+#: Kept for callers that compare against it; `error` is None for a good image.
+NO_ERROR = None
 
 
-def read_and_decode(batch: dict[str, np.ndarray], image_size: int, channels: int) -> dict[str, Any]:
-    """Map a batch of refs to decoded rows; a file that cannot be read or decoded becomes an error row.
+def as_text(value: object) -> str | None:
+    """A text cell (`error` or `label`) as a string, or None for None / "" / NaN."""
+    return value if isinstance(value, str) and value != "" else None
 
-    `read_s` / `decode_s` carry each row's share of the batch's time in those stages, so a job
-    can report where its time went (see pipelines.embed.stage_times).
-    """
-    paths = batch["path"]
+
+error_reason = as_text  # the skip reason in an `error` cell, or None when the image is fine
+
+
+def ok_mask(errors: Sequence[object] | np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows whose image decoded."""
+    return np.array([error_reason(e) is None for e in errors], dtype=bool)
+
+
+def _read_one(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """(bytes, None), or (None, reason) for a file that cannot be read."""
+    try:
+        return read_bytes(path, max_bytes=max_bytes), None
+    except FileNotFoundError:
+        return None, "file vanished before it could be read"
+    except FileTooLarge as e:
+        return None, str(e)
+    except IsADirectoryError:
+        return None, "unreadable (is a directory)"
+    except PermissionError:
+        return None, "unreadable (permission denied)"
+    except Exception as e:  # OSError from S3 or a flaky disk, and anything odd: skip, do not crash
+        return None, f"unreadable ({str(e).strip() or type(e).__name__})"
+
+
+def read_all(
+    paths: Sequence[str], max_bytes: int, threads: int = 1
+) -> Iterator[tuple[bytes | None, str | None]]:
+    """`_read_one` for each path, in order; with threads, a bounded window of reads runs ahead."""
+    if threads <= 1:
+        for path in paths:
+            yield _read_one(path, max_bytes)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        ahead = iter(paths)
+        for path in ahead:
+            pending.append(pool.submit(_read_one, path, max_bytes))
+            if len(pending) >= 2 * threads:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                pending.append(pool.submit(_read_one, nxt, max_bytes))
+            yield result
+
+
+def _table(
+    paths: Sequence[str],
+    labels: Sequence[object],
+    images: np.ndarray,
+    errors: Sequence[str | None],
+    read_s: float,
+    decode_s: float,
+) -> pa.Table:
+    # An Arrow table with explicit types: a batch whose labels or errors are all None stays a
+    # string column of nulls (as a numpy dict it would become a float column of NaN).
+    n = len(paths)
+    return pa.table(
+        {
+            "path": pa.array([str(p) for p in paths], pa.string()),
+            "label": pa.array([as_text(v) for v in labels], pa.string()),
+            "image": ArrowTensorArray.from_numpy(images),
+            "error": pa.array(list(errors), pa.string()),
+            "read_s": pa.array(np.full(n, read_s / max(n, 1)), pa.float64()),
+            "decode_s": pa.array(np.full(n, decode_s / max(n, 1)), pa.float64()),
+        }
+    )
+
+
+def read_and_decode(
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    channels: int,
+    aws: dict[str, str] | None = None,
+    keep_errors: bool = True,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> pa.Table:
+    """Map a batch of `{path, label}` to ingest rows; an input that fails becomes an error row."""
+    apply_aws_settings(aws)
+    paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, channels, image_size, image_size), dtype=np.uint8)
     errors: list[str | None] = [None] * n
+    threads = S3_READ_THREADS if any(is_s3(p) for p in paths) else 1
     read_s = decode_s = 0.0
-    for i, path in enumerate(paths):
-        t0 = time.perf_counter()
-        try:
-            data = read_bytes(str(path))
-        except FileNotFoundError:
-            errors[i] = "file vanished before it could be read"
-            continue
-        except OSError as e:
-            errors[i] = f"unreadable: {e}"
-            continue
-        finally:
-            read_s += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i, (data, reason) in enumerate(read_all(paths, max_file_bytes, threads)):
         t1 = time.perf_counter()
-        arr, errors[i] = try_decode(data, image_size, channels)
-        if arr is not None:
-            images[i] = arr
-        decode_s += time.perf_counter() - t1
-    return {
-        "path": paths,
-        "label": batch["label"],
-        "image": images,
-        "error": np.array(errors, dtype=object),
-        "read_s": np.full(n, read_s / max(n, 1)),
-        "decode_s": np.full(n, decode_s / max(n, 1)),
-    }
+        read_s += t1 - t0
+        if data is None:
+            errors[i] = reason
+        else:
+            try:
+                arr, errors[i] = try_decode(data, image_size, channels, max_bytes=max_file_bytes)
+            except Exception as e:  # a decoder bug must cost one image, not the job
+                arr, errors[i] = None, f"could not decode ({type(e).__name__}: {e})"
+            if arr is not None:
+                images[i] = arr
+        del data
+        t0 = time.perf_counter()
+        decode_s += t0 - t1
+    labels = list(batch["label"])
+    if not keep_errors:  # dropped here, in the same task: re-batching tensor columns is costly
+        keep = [i for i in range(n) if errors[i] is None]
+        paths, labels, errors = [paths[i] for i in keep], [labels[i] for i in keep], [None] * len(keep)
+        images = images[keep]
+    return _table(paths, labels, images, errors, read_s, decode_s)
 
 
-def drop_errors(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keep only rows that decoded."""
-    keep = np.array([e is None for e in batch["error"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
-
-
-def refs_dataset(refs: list[ImageRef], batch_size: int = READ_BATCH) -> ray.data.Dataset:
-    """A dataset of image references, split so every core gets work."""
-    items = [{"path": r.path, "label": r.label} for r in refs]
-    blocks = max(1, min(len(items) // batch_size + 1, 2000))
-    return ray.data.from_items(items, override_num_blocks=blocks)
+def refs_dataset(refs: Sequence[ImageRef], batch_size: int = READ_BATCH) -> ray.data.Dataset:
+    """A dataset of `{path, label}` (string columns) in blocks small enough that every core gets work."""
+    rows_per_block = max(batch_size, -(-len(refs) // MAX_INPUT_BLOCKS))
+    blocks = [
+        pa.table(
+            {
+                "path": pa.array([r.path for r in refs[i : i + rows_per_block]], pa.string()),
+                "label": pa.array([r.label for r in refs[i : i + rows_per_block]], pa.string()),
+            }
+        )
+        for i in range(0, len(refs), rows_per_block)
+    ]
+    if not blocks:
+        blocks = [pa.table({"path": pa.array([], pa.string()), "label": pa.array([], pa.string())})]
+    return ray.data.from_arrow(blocks)
 
 
 def read_images(
@@ -81,63 +189,128 @@ def read_images(
     image_size: int,
     channels: int,
     *,
-    refs: list[ImageRef] | None = None,
+    refs: Sequence[ImageRef] | None = None,
     keep_errors: bool = True,
+    concurrency: int | None = None,
     batch_size: int = READ_BATCH,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> ray.data.Dataset:
-    """Rows `{path, label, image, error}` for every image under `root` (or for `refs`, if given)."""
+    """Rows `{path, label, image, error, read_s, decode_s}` for every image under `root`.
+
+    `refs` (from `imgsim.sources.list_images`, possibly filtered or shuffled) replaces the listing
+    of `root`. `keep_errors=False` drops the rows of skipped inputs. `concurrency` caps the number
+    of decode tasks running at once (default: as many as there are free CPUs).
+    """
     refs = list_images(root) if refs is None else refs
-    ds = refs_dataset(refs, batch_size).map_batches(
+    return refs_dataset(refs, batch_size).map_batches(
         read_and_decode,
-        fn_kwargs={"image_size": image_size, "channels": channels},
+        fn_kwargs={
+            "image_size": image_size,
+            "channels": channels,
+            "aws": aws_settings(),
+            "keep_errors": keep_errors,
+            "max_file_bytes": max_file_bytes,
+        },
         batch_size=batch_size,
         batch_format="numpy",
+        concurrency=concurrency,
     )
-    if not keep_errors:
-        ds = ds.map_batches(drop_errors, batch_format="numpy", batch_size=None)
-    return ds
 
 
-def detect_channels(refs: list[ImageRef], sample: int = 64, seed: int = 0) -> int:
-    """1 if every sampled image is greyscale, else 3 (unreadable samples are ignored)."""
-    picked = random.Random(seed).sample(refs, min(sample, len(refs)))
-    for ref in picked:
-        try:
-            grey = greyscale_bytes(read_bytes(ref.path))
-        except OSError:
-            continue
+def detect_channels(source: str | Sequence[ImageRef], sample: int = 64, seed: int = 0) -> int:
+    """1 if every sampled image is greyscale, else 3.
+
+    `source` is a root (listed here) or refs. Up to `sample` images, picked at random with `seed`,
+    are read in the driver; unreadable ones are ignored, and 3 is returned if none can be read.
+    """
+    refs = list_images(source) if isinstance(source, str) else list(source)
+    picked = [r.path for r in random.Random(seed).sample(refs, min(sample, len(refs)))]
+    threads = S3_READ_THREADS if any(is_s3(p) for p in picked) else 1
+    seen_grey = False
+    for data, _ in read_all(picked, MAX_FILE_BYTES, threads):
+        grey = None if data is None else greyscale_bytes(data)
         if grey is False:
             return 3
-    return 1
+        seen_grey = seen_grey or bool(grey)
+    return 1 if seen_grey else 3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Decode every image under DATA and report what was skipped.")
-    parser.add_argument("data", metavar="DATA")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--channels", type=int, choices=[1, 3], default=None)
-    args = parser.parse_args()
-    refs = list_images(args.data)
-    channels = args.channels or detect_channels(refs)
-    start = time.perf_counter()
-    good, reasons = 0, Counter()
-    skipped: list[tuple[str, str]] = []
-    for batch in read_images(args.data, args.image_size, channels, refs=refs).iter_batches(
-        batch_size=1024, batch_format="numpy"
-    ):
+def reason_kind(reason: str) -> str:
+    """The category of a skip reason ("corrupt or truncated image (…)" → "corrupt or truncated image")."""
+    return reason.split(" (")[0].split(":")[0].strip()
+
+
+def summarise(ds: ray.data.Dataset) -> tuple[int, list[tuple[str, str]]]:
+    """(number of good images, [(path, reason)] of skipped inputs), streaming through `ds`."""
+    good, skipped = 0, []
+    for batch in ds.select_columns(["path", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
         for path, err in zip(batch["path"], batch["error"], strict=True):
-            if err is None:
+            reason = error_reason(err)
+            if reason is None:
                 good += 1
             else:
-                reasons[err.split(":")[0]] += 1
-                skipped.append((str(path), str(err)))
-    took = time.perf_counter() - start
-    print(
-        f"{len(refs)} files: {good} images decoded, {len(skipped)} skipped in {took:.1f} s ({len(refs) / took:.0f}/s)"
+                skipped.append((str(path), reason))
+    skipped.sort()
+    return good, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.ingest DATA`: decode everything once and report what would be skipped."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.ingest",
+        description="Decode every image under DATA (a folder or s3://bucket/prefix) and report what is skipped.",
     )
-    for path, reason in skipped[:20]:
+    parser.add_argument("data", metavar="DATA")
+    parser.add_argument("--image-size", type=int, default=DEFAULTS.preprocess.image_size)
+    parser.add_argument("--channels", choices=["auto", "1", "3"], default="auto")
+    parser.add_argument("--concurrency", type=int, default=None, help="most decode tasks at once")
+    parser.add_argument("--skipped", metavar="FILE", help="also write the skipped inputs as JSON lines")
+    parser.add_argument("--show", type=int, default=20, help="skipped inputs to print (default 20)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    args = parser.parse_args(argv)
+    try:
+        refs = list_images(args.data)
+        channels = detect_channels(refs) if args.channels == "auto" else int(args.channels)
+        started = time.perf_counter()
+        ds = read_images(args.data, args.image_size, channels, refs=refs, concurrency=args.concurrency)
+        good, skipped = summarise(ds)
+    except ImgsimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    took = time.perf_counter() - started
+    if args.skipped:
+        from imgsim.runs import atomic_write_bytes
+
+        lines = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped)
+        atomic_write_bytes(args.skipped, lines.encode())
+    kinds = Counter(reason_kind(r) for _, r in skipped)
+    if args.json:
+        summary = {
+            "data": args.data,
+            "files": len(refs),
+            "images": good,
+            "skipped": len(skipped),
+            "skipped_by_reason": dict(kinds.most_common()),
+            "image_size": args.image_size,
+            "channels": channels,
+            "seconds": round(took, 2),
+        }
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"{len(refs)} files: {good} images decoded to {channels}x{args.image_size}x{args.image_size}, "
+        f"{len(skipped)} skipped, in {took:.1f} s ({len(refs) / max(took, 1e-9):.0f} files/s)"
+    )
+    for kind, count in kinds.most_common():
+        print(f"  {count:>6}  {kind}")
+    for path, reason in skipped[: args.show]:
         print(f"  skipped {path}: {reason}")
+    if len(skipped) > args.show:
+        print(
+            f"  … and {len(skipped) - args.show} more" + (f" (all in {args.skipped})" if args.skipped else "")
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -78,3 +78,89 @@ def image_folder(tmp_path: Path) -> Path:
             make_pattern_image(kind, seed=kind * 100 + i).save(root / name / f"{i:02d}.png")
     make_pattern_image(2, seed=999).save(root / "top.png")
     return root
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1, with the AWS settings pointing at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def upload_folder(endpoint: str, folder: Path, bucket: str, prefix: str) -> None:
+    """Create `bucket` and upload every file under `folder` to s3://bucket/prefix/<relative path>."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def write_pattern_folder(root: Path, per_class: int = 8) -> Path:
+    """4 visually distinct classes x `per_class` PNGs under root/<class>/."""
+    for kind, name in enumerate(["stripes-v", "stripes-h", "blob", "checks"]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_pattern_image(kind, seed=kind * 100 + i).save(root / name / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> tuple[Path, Path]:
+    """(data folder, run dir): a real model trained by Ray Train and indexed by the Ray Data job.
+
+    Tests must not modify it; copy it (shutil.copytree) to change anything.
+    """
+    from pipelines.build_index import build_index
+    from pipelines.train import train
+
+    base = tmp_path_factory.mktemp("tiny")
+    data = write_pattern_folder(base / "data")
+    run = base / "run"
+    train(str(data), str(run), epochs=6, image_size=16, dim=8, batch_size=16, lr=3e-3)
+    build_index(str(data), str(run), clusters=4)
+    return data, run
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """An empty bucket on `s3_server` (AWS settings already point there); its name."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="imgsim-test")
+    return "imgsim-test"
+
+
+def upload_tree(bucket: str, folder: Path, prefix: str) -> list[str]:
+    """Upload every file under `folder` to s3://bucket/prefix/<relative path>; the URIs, sorted.
+
+    Uses the AWS settings of the environment (the `s3_server` fixture sets them).
+    """
+    import boto3
+
+    s3 = boto3.client("s3")
+    uris = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix.strip('/')}/{path.relative_to(folder).as_posix()}"
+            s3.upload_file(str(path), bucket, key)
+            uris.append(f"s3://{bucket}/{key}")
+    return uris

@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: structured test images, timing, and ratio printing."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = ("gradients", "circles", "stripes", "blocks")
+
+
+def make_jpegs(out_dir: str | os.PathLike[str], n: int, size: int = 512, seed: int = 0) -> list[Path]:
+    """`n` structured size×size JPEGs (gradients, shapes, stripes, text-like blocks) in class folders.
+
+    Reuses files already there, so repeated runs do not pay for generation again.
+    """
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    paths = []
+    for i in range(n):
+        kind = CLASSES[i % len(CLASSES)]
+        path = out / kind / f"{i:05d}.jpg"
+        paths.append(path)
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if kind == "gradients":
+            t = (xx * rng.uniform(0.2, 1) + yy * rng.uniform(0.2, 1))[..., None] / 2
+            arr = (c1 * (1 - t) + c2 * t).astype(np.uint8)
+            img = Image.fromarray(arr)
+        else:
+            img = Image.new("RGB", (size, size), tuple(int(v) for v in c1))
+            draw = ImageDraw.Draw(img)
+            for _ in range(int(rng.integers(3, 12))):
+                x0, y0 = rng.integers(0, size, 2)
+                w, h = rng.integers(size // 16, size // 3, 2)
+                colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+                if kind == "circles":
+                    draw.ellipse([x0, y0, x0 + w, y0 + w], fill=colour)
+                elif kind == "stripes":
+                    draw.rectangle([0, y0, size, y0 + h // 4], fill=colour)
+                else:
+                    for row in range(0, h, 12):
+                        draw.rectangle([x0, y0 + row, x0 + w, y0 + row + 6], fill=colour)
+        img.save(path, quality=90)
+    return paths
+
+
+def timed(fn: Callable[[], int]) -> tuple[int, float]:
+    """(items, seconds) for fn() returning an item count."""
+    start = time.perf_counter()
+    items = fn()
+    return items, time.perf_counter() - start
+
+
+def report(title: str, rows: list[tuple[str, float]], baseline: str, unit: str) -> None:
+    """Print rates and each one's ratio to `baseline`, all measured in this run."""
+    base = dict(rows)[baseline]
+    print(f"\n{title}")
+    for name, rate in rows:
+        print(f"  {name:<44} {rate:>10.1f} {unit}   {rate / base:>5.2f}x vs {baseline}")
