@@ -16,10 +16,10 @@ CLASSES = ("gradients", "circles", "stripes", "blocks")
 def make_jpegs(out_dir: str | os.PathLike[str], n: int, size: int = 512, seed: int = 0) -> list[Path]:
     """`n` structured size×size JPEGs (gradients, shapes, stripes, text-like blocks) in class folders.
 
-    Reuses files already there, so repeated runs do not pay for generation again.
+    Files are `out_dir/<class>/<i>.jpg`; one already there is reused (repeated runs do not pay for
+    generation again), so use a fresh `out_dir` for another `size` or `seed`.
     """
     out = Path(out_dir)
-    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     paths = []
     for i in range(n):
@@ -29,6 +29,7 @@ def make_jpegs(out_dir: str | os.PathLike[str], n: int, size: int = 512, seed: i
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([seed, i])  # per image: the same file whichever others exist
         c1, c2 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
         if kind == "gradients":
             t = (xx * rng.uniform(0.2, 1) + yy * rng.uniform(0.2, 1))[..., None] / 2

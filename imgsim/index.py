@@ -321,19 +321,36 @@ class KnnIndex:
             faiss.normalize_L2(x)
         return x
 
-    def fit(self, emb: np.ndarray) -> KnnIndex:
-        """Index the rows of `emb` (N, D); their row numbers are the ids `search` returns."""
+    def fit(self, emb: np.ndarray, centroids: np.ndarray | None = None) -> KnnIndex:
+        """Index the rows of `emb` (N, D); their row numbers are the ids `search` returns.
+
+        `centroids` (K, D), e.g. `KMeansClusterer.centroids_` fitted in the same metric: build an IVF
+        index whose partitions are exactly those clusters instead of learning its own. With nprobe=1 a
+        query then scans only its predicted cluster: the original design, at a cost proportional to
+        the cluster's size (`search_within` gives the same results on any index, but scans all N).
+        """
         x = self._space(emb)
         n, d = x.shape
         if n == 0:
             raise ValueError("cannot index an empty set of embeddings")
-        ivf = self.kind == "ivf" or (self.kind == "auto" and n >= self.ivf_threshold)
+        ivf = centroids is not None or self.kind == "ivf" or (self.kind == "auto" and n >= self.ivf_threshold)
         metric = _faiss_metric(self.metric)
         self.nlist_: int | None = None
-        if ivf:
+        if centroids is not None:
+            c = self._space(centroids, "centroids")
+            if c.shape[1] != d:
+                raise ValueError(f"centroids have dimension {c.shape[1]}, the embeddings {d}")
+            self.nlist_ = len(c)
+            quantiser = faiss.IndexFlat(d, metric)
+            quantiser.add(c)
+            index: Any = faiss.IndexIVFFlat(quantiser, d, self.nlist_, metric)
+            index.is_trained = True
+            index.nprobe = min(self.nprobe, self.nlist_)
+            self._quantiser = quantiser
+        elif ivf:
             self.nlist_ = max(1, min(self.nlist or default_nlist(n), n))
             quantiser = faiss.IndexFlat(d, metric)
-            index: Any = faiss.IndexIVFFlat(quantiser, d, self.nlist_, metric)
+            index = faiss.IndexIVFFlat(quantiser, d, self.nlist_, metric)
             index.cp.seed = self.seed
             index.cp.niter = IVF_TRAIN_ITERATIONS
             index.cp.spherical = self.metric == "cosine"

@@ -122,8 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(
                 f"[train] epoch {epoch + 1}/{config['epochs']} done: loss {epoch_loss:.4f}, "
-                f"{metrics['images_per_s']:.0f} img/s, {elapsed:.0f} s",
-                flush=True,
+                f"{metrics['images_per_s']:.0f} img/s, {elapsed:.0f} s"
             )
             with tempfile.TemporaryDirectory() as d:
                 state = {

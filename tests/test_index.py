@@ -132,6 +132,16 @@ def test_search_within_a_small_cluster_pads_with_minus_one() -> None:
     assert np.isinf(dist[0, 2:]).all()
 
 
+def test_ivf_on_kmeans_centroids_is_the_within_cluster_search() -> None:
+    x, q = clustered(3000, centres=8), clustered(40, centres=8, seed=6)
+    km = KMeansClusterer(4).fit(x)
+    within = KnnIndex(kind="ivf", nprobe=1).fit(x, centroids=km.centroids_)
+    assert within.nlist_ == 4
+    expected = KnnIndex().fit(x).search_within(q, 5, km.predict(q), km.labels_)
+    for got, want in zip(within.search(q, 5), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_search_within_a_subset() -> None:
     x = clustered(300)
     index = KnnIndex().fit(x)
