@@ -23,6 +23,7 @@ from imgsim.decode import decode_image
 from imgsim.model import AutoEncoder, ModelConfig
 from imgsim.sources import list_images
 from pipelines.embed import embed_images
+from pipelines.runtime import ensure_ray
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
             pq.write_table(table, Path(tmp) / "plain.parquet")
             return len(paths)
 
-        ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ensure_ray(num_cpus=cores, include_dashboard=False, log_to_driver=False)
 
         def ray_job() -> int:
             ds = embed_images(a.dir, str(run), refs=refs, concurrency=cores)

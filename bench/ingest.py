@@ -21,6 +21,7 @@ from bench.common import make_jpegs, report, timed
 from imgsim.decode import decode_image
 from imgsim.sources import list_images, read_bytes
 from pipelines.ingest import read_images
+from pipelines.runtime import ensure_ray
 
 
 def main() -> None:
@@ -49,7 +50,7 @@ def main() -> None:
             n += len(batch["image"])
         return n
 
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ensure_ray(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     best = {"plain": 0.0, "ray": 0.0}

@@ -50,6 +50,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--aug-scale", type=float, default=Augment.scale[0], help="smallest crop scale")
+    p.add_argument("--aug-shift", type=float, default=Augment.max_shift)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -65,7 +67,7 @@ def main() -> None:
         ModelConfig(image_size=a.size, dim=a.dim, widths=tuple(int(w) for w in a.widths.split(",")))
     )
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
-    aug = Augment()
+    aug = Augment(scale=(a.aug_scale, 1.0), max_shift=a.aug_shift)
     budget = a.minutes * 60
     start = time.perf_counter()
     step, total_steps = 0, None
@@ -101,7 +103,7 @@ def main() -> None:
     w = eigvec / np.sqrt(eigval + 1e-6 * eigval.max())
     p10_white = precision_at_k(q @ w, yte, db @ w, ytr)
     print(
-        f"RESULT nce={a.nce} size={a.size} dim={a.dim} widths={a.widths} batch={a.batch} lr={a.lr}: "
+        f"RESULT nce={a.nce} size={a.size} dim={a.dim} widths={a.widths} batch={a.batch} lr={a.lr} aug=({a.aug_scale},{a.aug_shift}): "
         f"{step} steps ({step * a.batch / 60000:.2f} epochs) in {train_s:.0f}s -> P@10 {p10:.4f} "
         f"(whitened {p10_white:.4f}) "
         f"(raw pixels, centred cosine: {raw:.4f}); last loss {parts}"

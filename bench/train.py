@@ -18,6 +18,7 @@ import torch
 from bench.common import report
 from imgsim.config import DEFAULTS
 from imgsim.model import Augment, AutoEncoder, ModelConfig, training_loss
+from pipelines.runtime import ensure_ray
 from pipelines.train import train
 from tests.conftest import make_pattern_image
 
@@ -53,7 +54,7 @@ def main() -> None:
                 opt.step()
         plain = a.epochs * steps * a.batch_size / (time.perf_counter() - start)
 
-        ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ensure_ray(num_cpus=cores, include_dashboard=False, log_to_driver=False)  # as `imgsim train` does
         rows = [("plain PyTorch loop, 1 process (baseline)", plain)]
         for workers in (1, 2):
             summary = train(

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
@@ -34,6 +33,7 @@ from imgsim.runs import RunPaths, embedding_matrix
 from imgsim.sources import ImageRef, list_images
 from pipelines.embed import StageTimes, embed_images
 from pipelines.ingest import as_text, error_reason
+from pipelines.runtime import ensure_ray
 
 FILES = "files.parquet"  # path, size, mtime, error: what the last run saw
 STAGING_ROWS = 4096  # rows per staged part file
@@ -139,8 +139,7 @@ def build_index(
 
     times = StageTimes()
     if todo:
-        if not ray.is_initialized():
-            ray.init(configure_logging=False)
+        ensure_ray()
         part = len(list(staging.glob("part-*.parquet")))
         ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
         with bar(len(todo), desc="embedding", unit="img") as progress:

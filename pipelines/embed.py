@@ -23,6 +23,7 @@ from imgsim.config import DEFAULTS
 from imgsim.progress import log
 from imgsim.sources import ImageRef
 from pipelines.ingest import as_text, ok_mask, read_images
+from pipelines.runtime import ensure_ray
 
 
 class Embedder:
@@ -116,8 +117,7 @@ def embed_folder(
     root: str, run: str, **kwargs: Any
 ) -> tuple[list[str], list[str | None], np.ndarray, list[dict]]:
     """(paths, labels, embeddings, skipped records) for every image under `root` — for eval queries."""
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    ensure_ray()
     paths: list[str] = []
     labels: list[str | None] = []
     chunks: list[np.ndarray] = []

@@ -34,6 +34,7 @@ from imgsim.progress import log
 from imgsim.runs import RunPaths, atomic_write_json
 from imgsim.sources import list_images
 from pipelines.ingest import detect_channels, read_images
+from pipelines.runtime import ensure_ray
 
 CHECKPOINT_FILE = "checkpoint.pt"
 STATE_FILE = "train-state.json"  # in RUN/checkpoints: the Ray Train run name to resume, the config
@@ -117,7 +118,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "seconds": elapsed, "images": seen * world})
         if epoch + 1 == config["epochs"]:
-            _fit_embedding_mean(ae, shard, per_worker_batch, device, world, config["mean_batches"])
+            _fit_embedding_mean(
+                ae, shard, per_worker_batch, device, world, config["mean_batches"], config["nce_weight"] > 0
+            )
         metrics = {"epoch": epoch + 1, "loss": epoch_loss, "images_per_s": seen * world / max(elapsed, 1e-9)}
         if rank == 0:
             log(
@@ -149,7 +152,13 @@ def _mean_across_workers(value: float, device: torch.device, world: int) -> floa
 
 @torch.no_grad()
 def _fit_embedding_mean(
-    ae: AutoEncoder, shard: Any, batch_size: int, device: torch.device, world: int, max_batches: int
+    ae: AutoEncoder,
+    shard: Any,
+    batch_size: int,
+    device: torch.device,
+    world: int,
+    max_batches: int,
+    whiten: bool,
 ) -> None:
     """Fit the embedding's centring and whitening on (a sample of) the training data, all workers."""
     ae.eval()
@@ -167,7 +176,7 @@ def _fit_embedding_mean(
     if world > 1:
         for t in (total, outer, count):
             torch.distributed.all_reduce(t)
-    fit_whitening(ae, total.cpu(), outer.cpu(), float(count.item()))
+    fit_whitening(ae, total.cpu(), outer.cpu(), float(count.item()), whiten=whiten)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -221,8 +230,7 @@ def train(
     if len(refs) < batch_size:
         batch_size = max(2, len(refs))
     steps_per_epoch = max(1, len(refs) // batch_size)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=True)
+    ensure_ray()
 
     log(f"[train] {len(refs)} images, {model_lib.describe(AutoEncoder(model_cfg))}")
     log(
@@ -322,6 +330,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=d.train.workers)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--contrastive", type=float, default=d.train.nce_weight, metavar="W")
     a = p.parse_args()
     summary = train(
         a.data,
@@ -335,6 +344,7 @@ def main() -> None:
         workers=a.workers,
         use_gpu=a.gpu,
         resume=a.resume,
+        nce_weight=a.contrastive,
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 

@@ -90,3 +90,27 @@ def test_a_few_steps_reduce_the_training_loss() -> None:
         loss.backward()
         opt.step()
     assert float(training_loss(m, x, aug, 0.5)[0]) < first
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_fit_whitening_centres_and_optionally_decorrelates(whiten: bool) -> None:
+    m = AutoEncoder(ModelConfig(dim=4))
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[3.0, 0, 0, 0], [1.0, 1, 0, 0], [0, 0, 0.5, 0], [0, 0, 0.2, 2]], dtype=torch.float64)
+    z = torch.randn(5000, 4, generator=g, dtype=torch.float64) @ mix + 7.0
+    model_lib.fit_whitening(m, z.sum(0), z.t() @ z, float(len(z)), whiten=whiten)
+    out = (z.float() - m.emb_mean) @ m.emb_whiten
+    assert torch.allclose(out.mean(0), torch.zeros(4), atol=1e-3)
+    cov = torch.cov(out.t().double())
+    if whiten:
+        assert torch.allclose(cov, torch.eye(4, dtype=torch.float64), atol=1e-3)
+    else:  # centring only: the covariance is untouched and still correlated
+        assert torch.equal(m.emb_whiten, torch.eye(4))
+        assert abs(float(cov[0, 1])) > 1.0
+
+
+def test_plain_objective_reports_no_contrastive_term() -> None:
+    m = AutoEncoder(ModelConfig(dim=8, widths=(8, 16, 32)))
+    x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    loss, parts = training_loss(m, x, Augment(), 0.0)
+    assert parts["nce"] == 0.0 and float(loss) == pytest.approx(parts["recon"])

@@ -1,0 +1,36 @@
+"""One place that starts (or joins) Ray for the batch jobs.
+
+`ray job submit` and a user's own `ray.init` come first: when Ray is already initialised nothing
+changes. Otherwise we join `RAY_ADDRESS` (a cluster) or start a local one, with a job-level
+environment for every worker process:
+
+- `OMP_WAIT_POLICY=PASSIVE`: PyTorch's OpenMP threads sleep instead of spinning while they wait.
+  Ray runs raylet, the object store, Ray Data tasks and the train workers on the same cores; with
+  spinning threads a Ray Train worker trained at 425 img/s on 2 cores, with passive ones 486 img/s
+  (2 epochs over the 10K Fashion-MNIST test images, one worker). The variable must be set before the worker
+  process loads libgomp, which is why it goes in the runtime environment rather than in the loop.
+- `RAY_TRAIN_ENABLE_PRINT_PATCH=0`: Ray Train 2.60 copies every `print` in a train worker to its
+  logger *and* to the worker's stderr, so each progress line reached the driver twice.
+
+A value already in the caller's environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables for Ray worker processes (the caller's own values take precedence)."""
+    return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+
+
+def ensure_ray(**kwargs) -> None:
+    """`ray.init` unless Ray is already initialised; joins RAY_ADDRESS when it is set."""
+    if ray.is_initialized():
+        return
+    ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()}, **kwargs)
