@@ -179,14 +179,19 @@ def raw_pixel_metrics(run: Path, data: Path, k: int = 10) -> dict:
     return retrieval_metrics(q - mean, q_labels, db - mean, db_labels, k=k, metric="cosine")
 
 
-def measure(name: str, data: Path, runs: Path, epochs: int | None) -> dict:
+def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: list[str]) -> dict:
     """Train, index and evaluate `data` with the CLI's defaults; the raw-pixel baseline beside it."""
     run = runs / name
     shutil.rmtree(run, ignore_errors=True)
     print(f"[generality] {name}: imgsim train / index / eval ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     trained = imgsim(
-        "train", str(data / "train"), "--out", str(run), *(["--epochs", str(epochs)] if epochs else [])
+        "train",
+        str(data / "train"),
+        "--out",
+        str(run),
+        *(["--epochs", str(epochs)] if epochs else []),
+        *train_args,
     )
     train_s = time.perf_counter() - started
     imgsim("index", str(data / "train"), "--model", str(run))
@@ -212,6 +217,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/work/gen-data"), help="data sets and runs go here")
     p.add_argument("--sets", default="clipart,photos", help="comma-separated: clipart, photos")
     p.add_argument("--epochs", type=int, default=None, help="override `imgsim train`'s default (quick tries)")
+    p.add_argument(
+        "--train-args", default="", help='more `imgsim train` options, e.g. "--contrastive 0.5" (quick tries)'
+    )
     p.add_argument("--icons-per-class", type=int, default=500, help="clip-art images per class (both splits)")
     p.add_argument("--photo-db", type=int, default=100, help="database views per source photo")
     p.add_argument("--photo-queries", type=int, default=20, help="query views per source photo")
@@ -227,7 +235,9 @@ def main() -> None:
     rows = []
     for name in a.sets.split(","):
         print(f"[generality] {name}: building {a.work / name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(name, builders[name](a.work / name), a.work / "runs", a.epochs))
+        rows.append(
+            measure(name, builders[name](a.work / name), a.work / "runs", a.epochs, a.train_args.split())
+        )
 
     print("\nprecision@10, queries = test split, database = train split, cosine; ratio = AE / raw pixels")
     print(" | ".join(rows[0]))

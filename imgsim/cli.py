@@ -243,7 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix of images")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or resume")
-    p.add_argument("--epochs", type=_positive_int, default=d.train.epochs, help="passes over the data")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"passes over the data (default {d.train.epochs}; a small data set is then repeated "
+        f"within each epoch so that training makes at least {d.train.min_steps} steps)",
+    )
     p.add_argument(
         "--image-size", type=_positive_int, default=d.preprocess.image_size, help="images are resized to SxS"
     )

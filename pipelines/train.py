@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import tempfile
@@ -85,17 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise RuntimeError(f"injected failure at epoch {epoch}")
         model.train()
         started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch,
-            dtypes={"image": torch.uint8},
-            device="cpu",
-            drop_last=True,
-            prefetch_batches=4,
-            pin_memory=use_cuda,
-        )
-        for batch in batches:
-            if steps >= config["steps_per_epoch"]:
-                break  # keep every worker on the same step count (DDP needs it)
+        for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
             x = batch["image"].to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 loss, parts = training_loss(model, x, augment, config["nce_weight"])
@@ -109,10 +100,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             steps += 1
             if rank == 0 and steps % config["log_every"] == 0:
                 rate = seen * world / (time.perf_counter() - started)
+                terms = (
+                    f" (recon {parts['recon']:.4f}, nce {parts['nce']:.3f})"
+                    if config["nce_weight"] > 0
+                    else ""
+                )
                 log(
                     f"[train] epoch {epoch + 1}/{config['epochs']} step {steps}/{config['steps_per_epoch']} "
-                    f"loss {loss_sum / steps:.4f} (recon {parts['recon']:.4f}, nce {parts['nce']:.3f}) "
-                    f"{rate:.0f} img/s"
+                    f"loss {loss_sum / steps:.4f}{terms} {rate:.0f} img/s"
                 )
         epoch_loss = _mean_across_workers(loss_sum / max(steps, 1), device, world)
         elapsed = time.perf_counter() - started
@@ -140,6 +135,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def _batches(shard: Any, batch_size: int, steps: int, pin_memory: bool) -> Any:
+    """Exactly `steps` batches from the shard: passes over it as often as needed (a small data set
+    is repeated within an epoch), and the same count on every worker (DDP needs it)."""
+    done = 0
+    while done < steps:
+        passed = done
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            dtypes={"image": torch.uint8},
+            device="cpu",
+            drop_last=True,
+            prefetch_batches=4,
+            pin_memory=pin_memory,
+        ):
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if done == passed:
+            return  # an empty shard: nothing to repeat
 
 
 def _mean_across_workers(value: float, device: torch.device, world: int) -> float:
@@ -198,7 +215,8 @@ def train(
     data: str,
     out: str,
     *,
-    epochs: int = DEFAULTS.train.epochs,
+    epochs: int | None = None,
+    min_steps: int = DEFAULTS.train.min_steps,
     image_size: int = DEFAULTS.preprocess.image_size,
     channels: int | None = None,
     dim: int = DEFAULTS.train.dim,
@@ -213,7 +231,11 @@ def train(
     threads_per_worker: int | None = None,
     _fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
-    """Train on every image under `data`; save the model under `out`; return a summary."""
+    """Train on every image under `data`; save the model under `out`; return a summary.
+
+    `epochs`: passes over the data; None = the default length (DEFAULTS.train.epochs, with small
+    data sets repeated so that the run makes at least `min_steps` steps).
+    """
     paths = RunPaths(Path(out).resolve())
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     run_name, previous = _resolve_run_name(paths, resume)
@@ -221,7 +243,7 @@ def train(
     random.Random(seed).shuffle(refs)  # listing is sorted by class folder; batches must mix classes
     if previous:  # a resumed run keeps its architecture and its learning-rate schedule
         model_cfg = ModelConfig.from_dict(previous["model"])
-        if epochs != previous["epochs"]:
+        if epochs not in (None, previous["epochs"]):
             log(f"[train] resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
         epochs, batch_size = previous["epochs"], previous.get("batch_size", batch_size)
     else:
@@ -229,10 +251,25 @@ def train(
         model_cfg = ModelConfig(image_size=image_size, channels=channels, dim=dim)
     if len(refs) < batch_size:
         batch_size = max(2, len(refs))
-    steps_per_epoch = max(1, len(refs) // batch_size)
+    steps_per_pass = max(1, len(refs) // batch_size)
+    # A default-length run makes at least `min_steps` optimiser steps: 8 passes over 2,000 images
+    # are 60 steps, far too few to learn anything. Each epoch then repeats the data `repeats`
+    # times; an explicit --epochs always means exactly that many passes.
+    repeats = 1
+    if epochs is None:
+        epochs = DEFAULTS.train.epochs
+        repeats = max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
+    if previous:
+        repeats = previous.get("repeats", 1)
+    steps_per_epoch = steps_per_pass * repeats
     ensure_ray()
 
     log(f"[train] {len(refs)} images, {model_lib.describe(AutoEncoder(model_cfg))}")
+    if repeats > 1:
+        log(
+            f"[train] a small data set: each epoch passes over it {repeats} times "
+            f"(at least {min_steps} steps in all; --epochs E sets exactly E passes)"
+        )
     log(
         f"[train] {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, {workers} worker(s), "
         f"{'GPU' if use_gpu else 'CPU'}; checkpoints in {paths.checkpoints_dir / run_name}"
@@ -244,6 +281,7 @@ def train(
             "model": model_cfg.to_dict(),
             "epochs": epochs,
             "batch_size": batch_size,
+            "repeats": repeats,
             "data": data,
         },
     )
@@ -256,6 +294,9 @@ def train(
     # Rows are already in random order (refs were shuffled); each epoch also visits blocks in a new
     # order. Cheaper than a per-row shuffle buffer, which halved throughput on 2 cores.
     ds = ds.randomize_block_order()
+    # The loop prints its own progress; Ray Data's per-epoch bars from the split coordinator would
+    # print three more bars every epoch.
+    ds.context.enable_progress_bars = False
 
     config = {
         "model": model_cfg.to_dict(),
@@ -321,7 +362,9 @@ def main() -> None:
     )
     p.add_argument("data", metavar="DATA")
     p.add_argument("--out", required=True, metavar="RUN")
-    p.add_argument("--epochs", type=int, default=d.train.epochs)
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"default {d.train.epochs} (see imgsim train --help)"
+    )
     p.add_argument("--image-size", type=int, default=d.preprocess.image_size)
     p.add_argument("--channels", type=int, choices=[1, 3], default=None)
     p.add_argument("--dim", type=int, default=d.train.dim)

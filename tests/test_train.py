@@ -57,3 +57,14 @@ def test_a_failed_worker_restarts_from_its_checkpoint_and_the_run_finishes(
     assert summary["epochs"] == 3
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not redone
     model_lib.load(run)
+
+
+def test_default_length_repeats_a_small_data_set_up_to_min_steps(image_folder: Path, tmp_path: Path) -> None:
+    # 25 images in batches of 8 are 3 steps a pass; 8 default epochs would be 24 steps, so each
+    # epoch passes over the data ceil(60 / 24) = 3 times: 9 steps, 72 images, per epoch.
+    summary = train(str(image_folder), str(tmp_path / "run"), min_steps=60, workers=1, **TINY)
+    assert summary["epochs"] == 8
+    assert [h["images"] for h in summary["history"]] == [72] * 8
+    # an explicit --epochs means exactly that many passes
+    summary = train(str(image_folder), str(tmp_path / "run2"), epochs=2, min_steps=60, workers=1, **TINY)
+    assert [h["images"] for h in summary["history"]] == [24, 24]
