@@ -7,7 +7,7 @@ worker-side decoding, and moving every decoded image back to this process. Each 
 `--rounds` times, alternating, and its best round is reported (other users' load on a shared
 machine only ever slows a round down). Target on 2 cores: >= 1.5x the plain loop.
 
-    .venv/bin/python -m bench.ingest --n 3000
+    .venv/bin/python -m bench.ingest --n 12000 --rounds 3
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pipelines.runtime import ensure_ray
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=3000, help="number of 512x512 JPEGs")
+    p.add_argument("--n", type=int, default=12000, help="number of 512x512 JPEGs")
     p.add_argument("--image-size", type=int, default=32, help="preprocessed size S (default 32)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per side; the best counts")

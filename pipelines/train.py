@@ -74,6 +74,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"[train] resuming from epoch {start_epoch}")
 
+    if config["nce_weight"] <= 0:
+        # Without the contrastive term the projector gets no gradient; DDP would wait for it forever.
+        model.projector.requires_grad_(False)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     ae: AutoEncoder = getattr(model, "module", model)
     augment = Augment()
