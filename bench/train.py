@@ -1,7 +1,7 @@
 """Training throughput: samples/s of a plain single-process PyTorch loop (baseline) and of Ray Train
 with 1 and 2 workers, same model, same batch, same objective, measured in one run.
 
-    .venv/bin/python -m bench.train --images 4096 --epochs 2
+    .venv/bin/python -m bench.train                              # 16,384 images, 3 epochs: about 2.5 minutes
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from tests.conftest import make_pattern_image
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4096)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--images", type=int, default=16384)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.train.batch_size)
     a = p.parse_args()
     cores = os.cpu_count() or 1
