@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ingress",
         choices=["auto", "haproxy", "proxy"],
         default=d.serve.ingress,
-        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas; 2.6x the throughput here), "
+        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas; 2.7x the throughput here), "
         "'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
     )
     p.set_defaults(func=cmd_serve)
