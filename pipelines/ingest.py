@@ -1,6 +1,6 @@
 """Ingest: stream images from a folder or `s3://` prefix into Ray Data rows.
 
-    list (driver, metadata only) → `ray.data.from_arrow` (path, label) → `map_batches(read + decode)`
+    list (driver, metadata only) → `ray.data.from_blocks` (path, label) → `map_batches(read + decode)`
 
 Rows: `path` (as listed: absolute local path or `s3://` URI), `label` (first sub-folder, or None),
 `image` (uint8 C×S×S from `imgsim.decode.decode_image`), `error` (None, or why the input was
@@ -183,7 +183,9 @@ def refs_dataset(refs: Sequence[ImageRef], batch_size: int = READ_BATCH) -> ray.
     ]
     if not blocks:
         blocks = [pa.table({"path": pa.array([], pa.string()), "label": pa.array([], pa.string())})]
-    return ray.data.from_arrow(blocks)
+    # from_blocks keeps the blocks as they are and computes their metadata here; from_arrow sends
+    # them to a task for it, a ray.get that cost 1.2 s before anything ran on a fresh cluster.
+    return ray.data.from_blocks(blocks)
 
 
 def read_batch_size(n_images: int) -> int:
