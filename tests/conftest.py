@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,24 @@ def ray_session() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0, alive: Callable[[], None] | None = None) -> None:
+    """Poll `url` until it answers 200; `alive()` (if given) raises when the server has died."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if alive:
+            alive()
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+        time.sleep(0.25)
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ import http.server
 import io
 import json
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, make_pattern_image
+from conftest import free_port, make_pattern_image, wait_healthy
 from PIL import Image
 
 MAX_BODY = 200_000  # the "/" app's body limit, small so the 413 tests stay cheap
@@ -147,8 +146,8 @@ def served(serve_tiny_run: Path, image_server: tuple[str, Path], ray_session: No
             route_prefix="/strict",
         )
         base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base + "/healthz")
-        _wait_healthy(base + "/strict/healthz")
+        wait_healthy(base + "/healthz")
+        wait_healthy(base + "/strict/healthz")
         searcher = Searcher.load(run, device="cpu", allow_private_urls=True)
         images = [Path(searcher.record(i)["path"]) for i in range(len(searcher))]
         www, root = image_server
@@ -159,19 +158,6 @@ def served(serve_tiny_run: Path, image_server: tuple[str, Path], ray_session: No
         yield Served(base=base, run=run, searcher=searcher, images=images, image_server=www)
     finally:
         serve.shutdown()
-
-
-def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
-        time.sleep(0.25)
 
 
 def _noise_png(side: int) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, wait_healthy
 from test_serve import build_small_run
 
 from serve import ingress
@@ -49,16 +49,11 @@ def test_imgsim_serve_answers_searches_and_stops_cleanly_on_ctrl_c(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
+
+        def alive() -> None:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "imgsim serve did not become healthy in 180 s"
-            time.sleep(0.5)
+
+        wait_healthy(base + "/healthz", timeout_s=180, alive=alive)
         if front_end == "haproxy":
             assert _haproxy_processes() - before, "no HAProxy process runs in front of the replicas"
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
-from conftest import free_port
+from conftest import free_port, wait_healthy
 from test_serve import build_small_run
 
 CHROMIUM = os.environ.get("IMGSIM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -58,15 +56,7 @@ def base_url(web_run: Path, ray_session: None) -> Iterator[str]:
     try:
         serve.run(build_app(web_run, num_cpus=0.25), name="imgsim-web", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(base + "/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the Serve app did not become healthy"
-            time.sleep(0.25)
+        wait_healthy(base + "/healthz")
         yield base
     finally:
         serve.shutdown()
