@@ -21,31 +21,33 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 	@echo "imgsim installed in $(VENV)/ (activate with: . $(VENV)/bin/activate)"
 
+# Debian packages the targets below install when they are missing and we are root with apt-get.
+CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null
+apt_install = (apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(1) >/dev/null 2>&1))
+
 # Fashion-MNIST from Debian when we can install it; otherwise imgsim downloads it itself.
 system-deps:
-	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@if [ ! -d $(FMNIST) ] && $(CAN_APT); then \
 	  echo "installing Debian's dataset-fashion-mnist"; \
-	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  $(call apt_install,dataset-fashion-mnist) || \
 	  echo "could not install dataset-fashion-mnist; imgsim will download Fashion-MNIST instead"; \
 	fi
 
 # A real browser for the web-page test: Debian's chromium (tests skip with a reason if absent).
 browser:
-	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@if ! command -v chromium >/dev/null && $(CAN_APT); then \
 	  echo "installing Debian's chromium for the browser test"; \
-	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  $(call apt_install,chromium) || \
 	  echo "could not install chromium; the browser test will be skipped"; \
 	fi
 
 # HAProxy: `imgsim serve` puts it in front of the replicas when installed (serve/ingress.py); the
 # tests run `imgsim serve` through it (and skip that case with a reason if it cannot be installed).
 haproxy:
-	@if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	@if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && $(CAN_APT); then \
 	  echo "installing Debian's haproxy for imgsim serve"; \
-	  (apt-get install -y -q haproxy >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q haproxy >/dev/null 2>&1)) || \
+	  $(call apt_install,haproxy) || \
 	  echo "could not install haproxy; imgsim serve will use Ray Serve's own HTTP proxy"; \
 	fi
 
