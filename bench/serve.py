@@ -266,6 +266,8 @@ async def load(url: str, body: bytes, clients: int, warmup_s: float, duration_s:
 
 
 def main() -> None:
+    from imgsim.config import DEFAULTS, INGRESS_CHOICES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=100_000, help="rows in the synthetic index")
     p.add_argument("--work", default="/tmp/imgsim-bench-serve", help="where the run directory is cached")
@@ -280,8 +282,8 @@ def main() -> None:
     p.add_argument("--baseline-seconds", type=float, default=5.0)
     p.add_argument(
         "--ingress",
-        choices=["auto", "haproxy", "proxy"],
-        default="auto",
+        choices=INGRESS_CHOICES,
+        default=DEFAULTS.serve.ingress,
         help="HTTP front end, as `imgsim serve --ingress` (auto: haproxy when installed)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from imgsim.config import DEFAULTS
+from imgsim.config import DEFAULTS, INGRESS_CHOICES
 from imgsim.errors import ImgsimError
 
 EPILOG = """\
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ingress",
-        choices=["auto", "haproxy", "proxy"],
+        choices=INGRESS_CHOICES,
         default=d.serve.ingress,
         help="HTTP front end: 'haproxy' (HAProxy in front of the replicas; 2.7x the throughput here), "
         "'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",

@@ -63,6 +63,10 @@ class IndexConfig:
     concurrency: int = 2
 
 
+#: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
+INGRESS_CHOICES = ("auto", "haproxy", "proxy")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Serve defaults (`imgsim serve`)."""
@@ -74,7 +78,7 @@ class ServeConfig:
     max_k: int = 100
     url_timeout_s: float = 10.0
     allow_private_urls: bool = False
-    ingress: str = "auto"  # "haproxy" when installed, else Serve's Python proxy (serve/ingress.py)
+    ingress: str = "auto"  # one of INGRESS_CHOICES: "auto" = "haproxy" when installed (serve/ingress.py)
 
 
 @dataclass(frozen=True)

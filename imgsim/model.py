@@ -256,14 +256,13 @@ def fit_whitening(
     With `whiten=False` only the mean is fitted (the whitening matrix stays the identity).
     """
     mean = total / count
+    model.emb_mean.copy_(mean.float())
     if not whiten:
-        model.emb_mean.copy_(mean.float())
         model.emb_whiten.copy_(torch.eye(len(mean)))
         return
     cov = outer / count - torch.outer(mean, mean)
     eigval, eigvec = torch.linalg.eigh(cov.double())
     eigval = eigval.clamp(min=0) + 1e-6 * float(eigval.max().clamp(min=1e-12))
-    model.emb_mean.copy_(mean.float())
     model.emb_whiten.copy_((eigvec / eigval.sqrt()).float())
 
 

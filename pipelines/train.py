@@ -259,11 +259,11 @@ def train(
     # are 60 steps, far too few to learn anything. Each epoch then repeats the data `repeats`
     # times; an explicit --epochs always means exactly that many passes.
     repeats = 1
-    if epochs is None:
+    if previous:  # (epochs came from it above)
+        repeats = previous.get("repeats", 1)
+    elif epochs is None:
         epochs = DEFAULTS.train.epochs
         repeats = max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
-    if previous:
-        repeats = previous.get("repeats", 1)
     steps_per_epoch = steps_per_pass * repeats
     ensure_ray()
 

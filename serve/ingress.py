@@ -2,9 +2,9 @@
 
 Ray Serve 2.60 can put HAProxy (C) in front of the ingress replicas, which then serve HTTP
 themselves (`RAY_SERVE_ENABLE_HA_PROXY=1`, "direct ingress"). On 2 cores, with a 100K-image index
-and 8 clients (`python -m bench.serve`), that took upload search from 149 to 387 QPS and p50 from
-53 to 20 ms: Serve's own proxy cost 4 ms of CPU per request, and each request made an actor call
-back to it.
+and 8 clients (`python -m bench.serve`, 30 s), that took upload search from 151 to 404 QPS and p50
+from 52.6 to 18.9 ms: Serve's own proxy cost 4 ms of CPU per request, and each request made an
+actor call back to it.
 
 Ray reads these settings from the environment of its processes when they start, so they must be
 in place before `ray.init` starts a local cluster (and before `ray.serve` is imported here); a
@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import shutil
 
+from imgsim.config import INGRESS_CHOICES
 from imgsim.errors import ImgsimError
 
-CHOICES = ("auto", "haproxy", "proxy")
 _HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
 
 
@@ -35,8 +35,8 @@ def find_haproxy() -> str | None:
 
 def resolve(ingress: str) -> str:
     """ "haproxy" or "proxy" for a CLI choice; "auto" is HAProxy when it is installed."""
-    if ingress not in CHOICES:
-        raise ImgsimError(f"unknown ingress {ingress!r}: choose one of {', '.join(CHOICES)}")
+    if ingress not in INGRESS_CHOICES:
+        raise ImgsimError(f"unknown ingress {ingress!r}: choose one of {', '.join(INGRESS_CHOICES)}")
     if ingress == "auto":
         return "haproxy" if find_haproxy() else "proxy"
     if ingress == "haproxy" and not find_haproxy():
@@ -48,7 +48,7 @@ def resolve(ingress: str) -> str:
 
 
 def environment(ingress: str) -> dict[str, str]:
-    """The environment variables that select `ingress` ("haproxy" or "proxy") for Ray Serve."""
+    """The environment variables that select `ingress` (any CLI choice) for Ray Serve."""
     if resolve(ingress) == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
     return {
@@ -62,7 +62,8 @@ def environment(ingress: str) -> dict[str, str]:
 
 
 def apply(ingress: str) -> str:
-    """Put `ingress`'s settings into this process's environment (before Ray starts); its name."""
-    chosen = resolve(ingress)
-    os.environ.update(environment(chosen))
-    return chosen
+    """Put `ingress`'s settings into this process's environment (before Ray starts); return the
+    front end chosen, "haproxy" or "proxy"."""
+    env = environment(ingress)
+    os.environ.update(env)
+    return "haproxy" if env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" else "proxy"
