@@ -1,0 +1,84 @@
+"""pipelines.runtime.ensure_ray: the worker environment reaches real Ray workers, whether the job
+starts a local Ray (through the inherited process environment) or joins a running cluster (through
+the job's runtime environment), and a value the caller set wins.
+
+Each case runs in its own Python process: a process talks to one Ray at a time, and the session's
+shared runtime (tests/conftest.py) must stay as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, os, sys, tempfile, shutil
+import ray
+from pipelines.runtime import ensure_ray, starts_local_ray
+
+@ray.remote(num_cpus=0)
+def worker_env():
+    return {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "RAY_TRAIN_ENABLE_PRINT_PATCH")}
+
+if sys.argv[1] == "local":
+    local = starts_local_ray()
+    ensure_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    out = {"local": local, "worker": ray.get(worker_env.remote()), "runtime_env": ray.get_runtime_context().runtime_env}
+    ray.shutdown()
+else:  # join a running single-node cluster, kept out of /tmp/ray/ray_current_cluster
+    import ray._common.utils, ray._private.utils
+    from ray.cluster_utils import Cluster
+    ray._private.utils.write_ray_address = lambda *a, **k: None
+    ray._common.utils.reset_ray_address = lambda *a, **k: None
+    temp_dir = tempfile.mkdtemp(prefix="imgsim-rt-", dir="/tmp")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "temp_dir": temp_dir})
+    try:
+        local = starts_local_ray(cluster.address)
+        ensure_ray(address=cluster.address, log_to_driver=False)
+        out = {"local": local, "worker": ray.get(worker_env.remote()), "driver_omp": os.environ.get("OMP_WAIT_POLICY")}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_case(case: str, **env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OMP_WAIT_POLICY")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, case],
+        cwd=ROOT,
+        env={**base, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"), [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")], ids=["default", "caller-wins"]
+)
+def test_local_ray_workers_inherit_the_worker_env(preset: dict[str, str], expected: str) -> None:
+    out = run_case("local", **preset)
+    assert out["local"] is True
+    assert out["worker"] == {"OMP_WAIT_POLICY": expected, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # no job runtime environment: the workers Ray prestarted at ray.init stay usable
+    assert not out["runtime_env"].get("env_vars")
+
+
+def test_joining_a_cluster_sends_the_worker_env_in_the_runtime_env() -> None:
+    out = run_case("join")
+    assert out["local"] is False
+    assert out["worker"] == {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    assert out["driver_omp"] is None  # the driver's own environment is left alone
