@@ -6,9 +6,13 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from imgsim.sources import ImageRef
 
 CLASSES = ("gradients", "circles", "stripes", "blocks")
 
@@ -51,6 +55,18 @@ def make_jpegs(out_dir: str | os.PathLike[str], n: int, size: int = 512, seed: i
                         draw.rectangle([x0, y0 + row, x0 + w, y0 + row + 6], fill=colour)
         img.save(path, quality=90)
     return paths
+
+
+def jpeg_refs(out_dir: str, n: int) -> list[ImageRef]:
+    """ImageRefs (path + class label) of the first `n` images `make_jpegs` generates in `out_dir`,
+    generating any that are missing: the same set whatever else the folder holds (a run with a
+    larger n adds files, which would otherwise change what a smaller n measures)."""
+    from imgsim.sources import list_images
+
+    wanted = {str(p) for p in make_jpegs(out_dir, n)}
+    refs = [r for r in list_images(str(out_dir)) if r.path in wanted]
+    assert len(refs) == n, f"{out_dir}: found {len(refs)} of the {n} generated JPEGs"
+    return refs
 
 
 def timed(fn: Callable[[], int]) -> tuple[int, float]:

@@ -17,9 +17,9 @@ import os
 
 import ray
 
-from bench.common import make_jpegs, report, timed
+from bench.common import jpeg_refs, report, timed
 from imgsim.decode import decode_image
-from imgsim.sources import list_images, read_bytes
+from imgsim.sources import read_bytes
 from pipelines.ingest import read_images
 from pipelines.runtime import ensure_ray
 
@@ -33,9 +33,7 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp/imgsim-bench-jpegs-512")
     a = p.parse_args()
     cpus = len(os.sched_getaffinity(0))
-    make_jpegs(a.dir, a.n, size=512)
-    refs = list_images(a.dir)[: a.n]
-    assert len(refs) == a.n, f"{a.dir} holds {len(refs)} JPEGs, fewer than --n {a.n}"
+    refs = jpeg_refs(a.dir, a.n)
 
     def plain_loop() -> int:
         for r in refs:

@@ -67,7 +67,9 @@ def run_case(case: str, **env: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"), [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")], ids=["default", "caller-wins"]
+    ("preset", "expected"),
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE")],
+    ids=["default", "caller-wins"],
 )
 def test_local_ray_workers_inherit_the_worker_env(preset: dict[str, str], expected: str) -> None:
     out = run_case("local", **preset)
