@@ -38,12 +38,17 @@ def worker_env() -> dict[str, str]:
 
 
 def starts_local_ray(address: str | None = None) -> bool:
-    """True if `ray.init(address)` would start a new local Ray rather than join a running one."""
-    from ray._private.services import canonicalize_bootstrap_address
+    """True if `ray.init(address)` would start a new local Ray rather than join a running one.
 
+    Asks Ray's own address resolution (RAY_ADDRESS, then a `ray start` cluster on this machine),
+    a private API: if it is gone or fails, the answer is False, and the worker environment then
+    travels in a runtime environment, which works either way.
+    """
     try:
+        from ray._private.services import canonicalize_bootstrap_address
+
         return canonicalize_bootstrap_address(address) is None
-    except Exception:  # an address Ray cannot parse or reach: ray.init will say so
+    except Exception:  # an address Ray cannot parse or reach (ray.init will say so), or a newer Ray
         return False
 
 
