@@ -42,6 +42,16 @@ from pipelines.embed import embed_images
 from pipelines.runtime import ensure_ray, worker_env
 
 
+def embedding_table(paths: list[str], embeddings: np.ndarray) -> pa.Table:
+    """The Parquet rows both sides write: path and embedding."""
+    return pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "embedding": pa.array(list(embeddings), pa.list_(pa.float32())),
+        }
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=12000)
@@ -73,22 +83,15 @@ def main() -> None:
                 images = np.stack([decode_image(Path(r.path).read_bytes(), a.size, 3) for r in batch])
                 chunks.append(model.embed(images))
                 paths += [r.path for r in batch]
-            emb = np.concatenate(chunks)
-            table = pa.table({"path": paths, "embedding": pa.array(list(emb), pa.list_(pa.float32()))})
-            pq.write_table(table, Path(tmp) / "plain.parquet")
+            pq.write_table(embedding_table(paths, np.concatenate(chunks)), Path(tmp) / "plain.parquet")
             return len(paths)
 
         def ray_job(first: dict[str, float]) -> int:
-            # as pipelines.build_index does: stream batches to the driver, write Parquet there
+            # like pipelines.build_index: stream batches to the driver, write Parquet there
             started, n, writer = time.perf_counter(), 0, None
             ds = embed_images(a.dir, str(run), refs=refs, concurrency=cores)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                table = pa.table(
-                    {
-                        "path": pa.array(batch["path"].tolist(), pa.string()),
-                        "embedding": pa.array(list(batch["embedding"]), pa.list_(pa.float32())),
-                    }
-                )
+                table = embedding_table(batch["path"].tolist(), batch["embedding"])
                 writer = writer or pq.ParquetWriter(Path(tmp) / "ray.parquet", table.schema)
                 writer.write_table(table)
                 n += table.num_rows
