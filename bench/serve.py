@@ -65,12 +65,12 @@ def pattern_png(kind: int, seed: int, size: int = 32) -> bytes:
 def build_run(run: Path, n_images: int, n_pngs: int = 8, n_clusters: int = 4, seed: int = 0) -> Path:
     """A run directory with a real model and an `n_images`-row synthetic index (see the docstring)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from imgsim import model as model_lib
-    from imgsim.index import KMeansClusterer, KnnIndex
+    from imgsim.rows import embedding_array
     from imgsim.runs import RunPaths
+    from pipelines.build_index import as_file_rows, write_index
 
     paths = RunPaths(run)
     marker = paths.index_dir / f"bench-{n_images}.ok"
@@ -101,40 +101,27 @@ def build_run(run: Path, n_images: int, n_pngs: int = 8, n_clusters: int = 4, se
     assign = rng.integers(0, len(centres), n_images)
     emb = centres[assign] + 0.35 * rng.normal(size=(n_images, dim)).astype(np.float32)
     t0 = time.perf_counter()
-    clusterer = KMeansClusterer(n_clusters).fit(emb)
-    index = KnnIndex(metric="cosine", kind="auto").fit(emb)
+    rows = as_file_rows(
+        pa.table(
+            {
+                "path": pa.array([pngs[i % n_pngs] for i in range(n_images)], pa.string()),
+                "label": pa.array([f"group-{a % 10}" for a in assign], pa.string()),
+                "embedding": embedding_array(emb),
+            }
+        )
+    )
+    summary = write_index(
+        paths,
+        rows,
+        fingerprint,
+        "synthetic (bench/serve.py)",
+        clusters=n_clusters,
+        metric="cosine",
+        kind="auto",
+    )
     print(
-        f"[bench] fitted KMeans + {index.kind_} KNN on {n_images:,} x {dim} in {time.perf_counter() - t0:.1f} s"
-    )
-    table = pa.table(
-        {
-            "path": pa.array([pngs[i % n_pngs] for i in range(n_images)], pa.string()),
-            "label": pa.array([f"group-{a % 10}" for a in assign], pa.string()),
-            "cluster": pa.array(clusterer.labels_, pa.int64()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim).cast(
-                pa.list_(pa.float32())
-            ),
-        }
-    )
-    manifest = {
-        "data": "synthetic (bench/serve.py)",
-        "images": n_images,
-        "skipped": 0,
-        "model_fingerprint": fingerprint,
-        "metric": "cosine",
-        "index_kind": index.kind_,
-        "clusters": n_clusters,
-        "dim": dim,
-    }
-    index.save(
-        paths.index_dir,
-        model_fingerprint=fingerprint,
-        extra_files={
-            "embeddings.parquet": lambda p: pq.write_table(table, p),
-            "skipped.jsonl": lambda p: p.write_text(""),
-            "kmeans": clusterer.save,
-            "manifest.json": lambda p: p.write_text(json.dumps(manifest, indent=2)),
-        },
+        f"[bench] fitted KMeans + {summary['index_kind']} KNN on {n_images:,} x {dim} "
+        f"in {time.perf_counter() - t0:.1f} s"
     )
     marker.write_text("ok\n")
     return paths.root

@@ -1,7 +1,9 @@
 """The `imgsim` command: parses arguments and calls the library, pipelines and Serve app.
 
-No logic lives here: each `cmd_*` function translates flags into one call and prints the outcome.
-Heavy modules (torch, Ray) are imported inside commands so `imgsim --help` stays fast.
+No logic lives here. Each command is one `Command`: an argument builder and a `run` function that
+translates the parsed flags into one call and prints the outcome. The same builder serves
+`imgsim X` and `python -m pipelines.X` (`main_for`), so both accept the same flags with the same
+validation. Heavy modules (torch, Ray) are imported inside `run` so `imgsim --help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from imgsim.config import DEFAULTS, INGRESS_CHOICES
+from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS
 from imgsim.errors import ImgsimError
 
 EPILOG = """\
@@ -33,11 +36,8 @@ Set IMGSIM_DEBUG=1 to see full tracebacks.
 """
 
 
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
-
-
-def _positive_int(text: str) -> int:
+# --- argument types ------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -47,7 +47,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -57,7 +57,7 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _channels(text: str) -> int | None:
+def channels(text: str) -> int | None:
     if text == "auto":
         return None
     if text in ("1", "3"):
@@ -65,10 +65,37 @@ def _channels(text: str) -> int | None:
     raise argparse.ArgumentTypeError("channels must be 1, 3 or auto")
 
 
-# --- commands -----------------------------------------------------------------------------------
+# --- arguments shared by several commands ----------------------------------------------------------
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix of images")
 
 
-def cmd_dataset(args: argparse.Namespace) -> int:
+def _model(p: argparse.ArgumentParser, needs: str = "a model and an index") -> None:
+    p.add_argument("--model", required=True, metavar="RUN", help=f"run directory with {needs}")
+
+
+def _json(p: argparse.ArgumentParser, what: str = "print one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def _k(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-k", type=positive_int, default=DEFAULTS.search.k, help=what)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+
+
+# --- commands: arguments, then what they run ----------------------------------------------------------
+def dataset_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=["fashion-mnist"], help="which data set")
+    p.add_argument("out", metavar="OUT", help="folder to write the PNGs into")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="first N images per split, balanced across classes"
+    )
+
+
+def run_dataset(args: argparse.Namespace) -> int:
     from imgsim.datasets import write_fashion_mnist
 
     written = write_fashion_mnist(args.out, limit=args.limit)
@@ -78,7 +105,84 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def ingest_arguments(p: argparse.ArgumentParser) -> None:
+    _data(p)
+    p.add_argument(
+        "--image-size", type=positive_int, default=DEFAULTS.preprocess.image_size, help="decode to SxS"
+    )
+    p.add_argument("--channels", type=channels, default=None, help="1, 3 or auto (from a sample of DATA)")
+    p.add_argument("--concurrency", type=positive_int, default=None, help="most decode tasks at once")
+    p.add_argument("--skipped", metavar="FILE", help="also write the skipped inputs as JSON lines")
+    p.add_argument("--show", type=int, default=20, help="skipped inputs to print")
+    _json(p)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from pipelines.ingest import check_images
+
+    report = check_images(
+        args.data, args.image_size, args.channels, concurrency=args.concurrency, skipped_out=args.skipped
+    )
+    skipped = report.pop("skipped_inputs")
+    if args.json:
+        _print_json(report)
+        return 0
+    print(
+        f"{report['files']} files: {report['images']} images decoded to {report['channels']}x"
+        f"{report['image_size']}x{report['image_size']}, {report['skipped']} skipped, in "
+        f"{report['seconds']:.1f} s ({report['files'] / max(report['seconds'], 1e-9):.0f} files/s)"
+    )
+    for kind, count in report["skipped_by_reason"].items():
+        print(f"  {count:>6}  {kind}")
+    for path, reason in skipped[: args.show]:
+        print(f"  skipped {path}: {reason}")
+    if len(skipped) > args.show:
+        more = f" (all in {args.skipped})" if args.skipped else ""
+        print(f"  … and {len(skipped) - args.show} more{more}")
+    return 0
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    t = DEFAULTS.train
+    _data(p)
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or resume")
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"passes over the data (default {t.epochs}; a small data set is then repeated "
+        f"within each epoch so that training makes at least {t.min_steps} steps)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=DEFAULTS.preprocess.image_size,
+        help="images are resized to SxS",
+    )
+    p.add_argument(
+        "--channels",
+        type=channels,
+        default=None,
+        help="1 (greyscale), 3 (RGB) or auto (greyscale if a sample of DATA is)",
+    )
+    p.add_argument("--dim", type=positive_int, default=t.dim, help="embedding (bottleneck) size")
+    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, help="global batch size")
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (AdamW, one-cycle)")
+    p.add_argument("--workers", type=positive_int, default=t.workers, help="Ray Train workers (DDP)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
+    p.add_argument(
+        "--contrastive",
+        type=non_negative_float,
+        default=t.nce_weight,
+        metavar="W",
+        help="weight of an auxiliary contrastive (InfoNCE) term between two augmented views; 0 trains a "
+        "plain denoising autoencoder (README: how the default was chosen)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in RUN")
+    _json(p, "print the summary as one JSON object")
+
+
+def run_train(args: argparse.Namespace) -> int:
     from pipelines.train import train
 
     summary = train(
@@ -105,7 +209,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def index_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS.index
+    _data(p)
+    _model(p, "a trained model")
+    p.add_argument("--clusters", type=positive_int, default=d.clusters, help="KMeans clusters (K)")
+    p.add_argument("--metric", choices=METRICS, default=d.metric, help="distance for KNN")
+    p.add_argument(
+        "--kind",
+        choices=INDEX_KINDS,
+        default=d.kind,
+        help=f"exact search, partitioned (IVF), or auto (IVF from {d.ivf_threshold:,} images)",
+    )
+    p.add_argument("--nprobe", type=positive_int, default=d.nprobe, help="IVF partitions searched per query")
+    p.add_argument("--concurrency", type=positive_int, default=d.concurrency, help="embedding actors")
+    p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
+    p.add_argument(
+        "--full", action="store_true", help="re-embed everything instead of only new or changed images"
+    )
+    _json(p, "print the summary as one JSON object")
+
+
+def run_index(args: argparse.Namespace) -> int:
     from pipelines.build_index import build_index
 
     summary = build_index(
@@ -131,7 +256,38 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_query(args: argparse.Namespace) -> int:
+def embed_arguments(p: argparse.ArgumentParser) -> None:
+    _data(p)
+    _model(p, "a trained model")
+    p.add_argument("--out", required=True, metavar="PATH", help="Parquet folder to write (local or s3://)")
+    p.add_argument(
+        "--concurrency", type=positive_int, default=DEFAULTS.index.concurrency, help="embedding actors"
+    )
+    p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import write_embeddings
+
+    write_embeddings(args.data, args.model, args.out, concurrency=args.concurrency, use_gpu=args.gpu)
+    print(f"embeddings written to {args.out}")
+    return 0
+
+
+def query_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE_OR_URL", help="query image: path, s3:// URI or http(s) URL")
+    _model(p)
+    _k(p, "number of results")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the query beside its results")
+    p.add_argument(
+        "--within-cluster",
+        action="store_true",
+        help="search only the query's predicted cluster (the original design; faster, lower recall)",
+    )
+    _json(p)
+
+
+def run_query(args: argparse.Namespace) -> int:
     from imgsim.search import Searcher
 
     searcher = Searcher.load(args.model)
@@ -154,7 +310,19 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    _model(p)
+    p.add_argument(
+        "--queries", metavar="QDATA", default=None, help="labelled folder or s3:// prefix of query images"
+    )
+    _k(p, "cut-off k")
+    p.add_argument(
+        "--within-cluster", action="store_true", help="evaluate search restricted to the predicted cluster"
+    )
+    _json(p)
+
+
+def run_eval(args: argparse.Namespace) -> int:
     from pipelines.evaluate import evaluate_run
 
     metrics = evaluate_run(args.model, queries=args.queries, k=args.k, within_cluster=args.within_cluster)
@@ -170,7 +338,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tsne(args: argparse.Namespace) -> int:
+def tsne_arguments(p: argparse.ArgumentParser) -> None:
+    _model(p, "an index")
+    p.add_argument("--out", required=True, metavar="OUT.png", help="PNG to write")
+    p.add_argument("--max-points", type=positive_int, default=10_000, help="sample size")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and t-SNE")
+
+
+def run_tsne(args: argparse.Namespace) -> int:
     from imgsim.plots import plot_tsne_run
 
     info = plot_tsne_run(args.model, args.out, max_points=args.max_points, seed=args.seed)
@@ -178,38 +353,177 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from serve import ingress
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    s = DEFAULTS.serve
+    _model(p)
+    p.add_argument("--host", default=s.host, help="address to listen on")
+    p.add_argument("--port", type=positive_int, default=s.port, help="port to listen on")
+    p.add_argument("--replicas", type=positive_int, default=s.replicas, help="Serve replicas")
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let URL queries reach private, loopback and link-local addresses (off: SSRF protection)",
+    )
+    p.add_argument(
+        "--ingress",
+        choices=INGRESS_CHOICES,
+        default=s.ingress,
+        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas: several times the throughput, "
+        "docs/serving.md), 'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
+    )
 
-    if os.environ.get("RAY_ADDRESS"):
-        chosen = "as configured on the cluster at RAY_ADDRESS"
-    else:  # our own local Ray: its processes inherit this environment
-        chosen = ingress.apply(args.ingress)
-    from serve.app import run
 
-    run(
+def run_serve(args: argparse.Namespace) -> int:
+    from serve.launch import serve_forever
+
+    serve_forever(
         args.model,
         host=args.host,
         port=args.port,
         replicas=args.replicas,
         allow_private_urls=args.allow_private_urls,
-        ingress=chosen,
+        ingress=args.ingress,
     )
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work", default="demo-run", metavar="DIR", help="folder for the data and the run")
+    p.add_argument("--limit", type=positive_int, default=None, help="images per split (default: all 60K/10K)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="training epochs (default: train's default)"
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import demo
 
     demo(args.work, limit=args.limit, epochs=args.epochs)
     return 0
 
 
-# --- parser -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Command:
+    """One `imgsim` command: its help, its argument builder, what it runs, and its pipeline module
+    (for `python -m pipelines.X`, which takes the same arguments)."""
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    module: str | None = None
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "dataset",
+        "write the built-in default data set as PNG folders",
+        "Write Fashion-MNIST as OUT/train/<class>/*.png and OUT/test/<class>/*.png. The IDX files come "
+        "from Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) when installed, "
+        "else they are downloaded from the data set's official URL.",
+        dataset_arguments,
+        run_dataset,
+    ),
+    Command(
+        "ingest",
+        "decode every image once and report what would be skipped (Ray Data)",
+        "Read and decode every image of DATA as `imgsim index` would, and report how many are usable "
+        "and why the others are skipped. Nothing is written unless --skipped names a file.",
+        ingest_arguments,
+        run_ingest,
+        "pipelines.ingest",
+    ),
+    Command(
+        "train",
+        "train the autoencoder on a folder or s3:// prefix (Ray Train)",
+        "Train the convolutional autoencoder with Ray Train's TorchTrainer (DDP across --workers). "
+        "Labels are never used: the embedding is learned without supervision. Checkpoints go under "
+        "RUN/checkpoints (resume with --resume); the model under RUN/model; the loss curve to "
+        "RUN/plots/loss.png.",
+        train_arguments,
+        run_train,
+        "pipelines.train",
+    ),
+    Command(
+        "index",
+        "embed every image, cluster (KMeans) and build the KNN index",
+        "Embed every image of DATA with the trained encoder (a Ray Data actor pool), write "
+        "RUN/index/embeddings.parquet and RUN/index/skipped.jsonl, fit KMeans and build the KNN index. "
+        "Re-running on the same DATA embeds only new or changed images and drops removed ones.",
+        index_arguments,
+        run_index,
+        "pipelines.build_index",
+    ),
+    Command(
+        "embed",
+        "embed every image into Parquet files, nothing else (Ray Data)",
+        "Embed every image of DATA with RUN's encoder and write the rows (path, label, embedding, "
+        "error, content_hash, width, height) as Parquet files under --out, for your own pipeline.",
+        embed_arguments,
+        run_embed,
+        "pipelines.embed",
+    ),
+    Command(
+        "query",
+        "the N indexed images most like an image (path or URL)",
+        "Embed IMAGE_OR_URL (a local path, s3:// URI or http(s) URL), predict its cluster and print the "
+        "top N most similar indexed images with their distances.",
+        query_arguments,
+        run_query,
+    ),
+    Command(
+        "eval",
+        "retrieval quality (precision@k, mAP@k) on labelled data",
+        "Without --queries every indexed image queries the rest (itself excluded); with --queries, "
+        "QDATA's images query the index. A result is relevant when its label equals the query's.",
+        eval_arguments,
+        run_eval,
+        "pipelines.evaluate",
+    ),
+    Command(
+        "tsne",
+        "t-SNE plot of the indexed embeddings",
+        "Project the indexed embeddings (a stratified sample of at most --max-points) to 2-D with t-SNE "
+        "and plot them coloured by cluster, and by label where labels are known.",
+        tsne_arguments,
+        run_tsne,
+    ),
+    Command(
+        "serve",
+        "serve search over HTTP (Ray Serve) with a web page",
+        "Run the Ray Serve app until interrupted: POST /search, GET /images/{id}, GET /healthz and a "
+        "web page at /. Set IMGSIM_API_KEY to require 'Authorization: Bearer <key>'.",
+        serve_arguments,
+        run_serve,
+    ),
+    Command(
+        "demo",
+        "the whole pipeline on Fashion-MNIST",
+        "Data set -> train -> index -> eval (test split as queries) -> t-SNE -> one query plot, "
+        "then a summary of the figures and where every file went.",
+        demo_arguments,
+        run_demo,
+        "pipelines.demo",
+    ),
+)
+
+
+def _command(name: str) -> Command:
+    return next(c for c in COMMANDS if c.name == name)
+
+
+def _command_parser(command: Command, prog: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=command.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        **kwargs,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DEFAULTS
+    """The `imgsim` parser: one sub-command per entry of COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="imgsim",
         description="Image-similarity search: learn a compact embedding of a folder or S3 prefix of images "
@@ -219,189 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    for command in COMMANDS:
         p = sub.add_parser(
-            name, help=help_, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            command.name,
+            help=command.help,
+            description=command.description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        return p
-
-    p = add(
-        "dataset",
-        "write the built-in default data set as PNG folders",
-        "Write Fashion-MNIST as OUT/train/<class>/*.png and OUT/test/<class>/*.png. The IDX files come "
-        "from Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist) when installed, "
-        "else they are downloaded from the data set's official URL.",
-    )
-    p.add_argument("name", choices=["fashion-mnist"], help="which data set")
-    p.add_argument("out", metavar="OUT", help="folder to write the PNGs into")
-    p.add_argument(
-        "--limit", type=_positive_int, default=None, help="first N images per split, balanced across classes"
-    )
-    p.set_defaults(func=cmd_dataset)
-
-    p = add(
-        "train",
-        "train the autoencoder on a folder or s3:// prefix (Ray Train)",
-        "Train the convolutional autoencoder with Ray Train's TorchTrainer (DDP across --workers). "
-        "Labels are never used: the embedding is learned without supervision. Checkpoints go under "
-        "RUN/checkpoints (resume with --resume); the model under RUN/model; the loss curve to "
-        "RUN/plots/loss.png.",
-    )
-    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix of images")
-    p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or resume")
-    p.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=None,
-        help=f"passes over the data (default {d.train.epochs}; a small data set is then repeated "
-        f"within each epoch so that training makes at least {d.train.min_steps} steps)",
-    )
-    p.add_argument(
-        "--image-size", type=_positive_int, default=d.preprocess.image_size, help="images are resized to SxS"
-    )
-    p.add_argument(
-        "--channels",
-        type=_channels,
-        default=None,
-        help="1 (greyscale), 3 (RGB) or auto (greyscale if a sample of DATA is)",
-    )
-    p.add_argument("--dim", type=_positive_int, default=d.train.dim, help="embedding (bottleneck) size")
-    p.add_argument("--batch-size", type=_positive_int, default=d.train.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=d.train.lr, help="peak learning rate (AdamW, one-cycle)")
-    p.add_argument("--workers", type=_positive_int, default=d.train.workers, help="Ray Train workers (DDP)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
-    p.add_argument(
-        "--contrastive",
-        type=_non_negative_float,
-        default=d.train.nce_weight,
-        metavar="W",
-        help="weight of an auxiliary contrastive (InfoNCE) term between two augmented views; 0 (default) "
-        "trains a plain denoising autoencoder, which was better on short budgets (see README)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in RUN")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_train)
-
-    p = add(
-        "index",
-        "embed every image, cluster (KMeans) and build the KNN index",
-        "Embed every image of DATA with the trained encoder (a Ray Data actor pool), write "
-        "RUN/index/embeddings.parquet and RUN/index/skipped.jsonl, fit KMeans and build the KNN index. "
-        "Re-running on the same DATA embeds only new or changed images and drops removed ones.",
-    )
-    p.add_argument("data", metavar="DATA", help="local folder or s3://bucket/prefix of images")
-    p.add_argument("--model", required=True, metavar="RUN", help="run directory holding a trained model")
-    p.add_argument("--clusters", type=_positive_int, default=d.index.clusters, help="KMeans clusters (K)")
-    p.add_argument("--metric", choices=["cosine", "l2"], default=d.index.metric, help="distance for KNN")
-    p.add_argument(
-        "--kind",
-        choices=["auto", "exact", "ivf"],
-        default=d.index.kind,
-        help=f"exact search, partitioned (IVF), or auto (IVF above {d.index.ivf_threshold:,} images)",
-    )
-    p.add_argument(
-        "--nprobe", type=_positive_int, default=d.index.nprobe, help="IVF partitions searched per query"
-    )
-    p.add_argument("--concurrency", type=_positive_int, default=d.index.concurrency, help="embedding actors")
-    p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
-    p.add_argument(
-        "--full", action="store_true", help="re-embed everything instead of only new or changed images"
-    )
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=cmd_index)
-
-    p = add(
-        "query",
-        "the N indexed images most like an image (path or URL)",
-        "Embed IMAGE_OR_URL (a local path, s3:// URI or http(s) URL), predict its cluster and print the "
-        "top N most similar indexed images with their distances.",
-    )
-    p.add_argument("image", metavar="IMAGE_OR_URL", help="query image: path, s3:// URI or http(s) URL")
-    p.add_argument("--model", required=True, metavar="RUN", help="run directory with a model and an index")
-    p.add_argument("-k", type=_positive_int, default=10, help="number of results")
-    p.add_argument("--plot", metavar="OUT.png", help="draw the query beside its results")
-    p.add_argument(
-        "--within-cluster",
-        action="store_true",
-        help="search only the query's predicted cluster (the original design; faster, lower recall)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_query)
-
-    p = add(
-        "eval",
-        "retrieval quality (precision@k, mAP@k) on labelled data",
-        "Without --queries every indexed image queries the rest (itself excluded); with --queries, "
-        "QDATA's images query the index. A result is relevant when its label equals the query's.",
-    )
-    p.add_argument("--model", required=True, metavar="RUN", help="run directory with a model and an index")
-    p.add_argument(
-        "--queries", metavar="QDATA", default=None, help="labelled folder or s3:// prefix of query images"
-    )
-    p.add_argument("-k", type=_positive_int, default=10, help="cut-off k")
-    p.add_argument(
-        "--within-cluster", action="store_true", help="evaluate search restricted to the predicted cluster"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_eval)
-
-    p = add(
-        "tsne",
-        "t-SNE plot of the indexed embeddings",
-        "Project the indexed embeddings (a stratified sample of at most --max-points) to 2-D with t-SNE "
-        "and plot them coloured by cluster, and by label where labels are known.",
-    )
-    p.add_argument("--model", required=True, metavar="RUN", help="run directory with an index")
-    p.add_argument("--out", required=True, metavar="OUT.png", help="PNG to write")
-    p.add_argument("--max-points", type=_positive_int, default=10_000, help="sample size")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and t-SNE")
-    p.set_defaults(func=cmd_tsne)
-
-    p = add(
-        "serve",
-        "serve search over HTTP (Ray Serve) with a web page",
-        "Run the Ray Serve app until interrupted: POST /search, GET /images/{id}, GET /healthz and a "
-        "web page at /. Set IMGSIM_API_KEY to require 'Authorization: Bearer <key>'.",
-    )
-    p.add_argument("--model", required=True, metavar="RUN", help="run directory with a model and an index")
-    p.add_argument("--host", default=d.serve.host, help="address to listen on")
-    p.add_argument("--port", type=_positive_int, default=d.serve.port, help="port to listen on")
-    p.add_argument("--replicas", type=_positive_int, default=d.serve.replicas, help="Serve replicas")
-    p.add_argument(
-        "--allow-private-urls",
-        action="store_true",
-        help="let URL queries reach private, loopback and link-local addresses (off: SSRF protection)",
-    )
-    p.add_argument(
-        "--ingress",
-        choices=INGRESS_CHOICES,
-        default=d.serve.ingress,
-        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas; 2.7x the throughput here), "
-        "'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = add(
-        "demo",
-        "the whole pipeline on Fashion-MNIST",
-        "Data set -> train -> index -> eval (test split as queries) -> t-SNE -> one query plot, "
-        "then a summary of the figures and where every file went.",
-    )
-    p.add_argument("--work", default="demo-run", metavar="DIR", help="folder for the data and the run")
-    p.add_argument(
-        "--limit", type=_positive_int, default=None, help="images per split (default: all 60K/10K)"
-    )
-    p.add_argument(
-        "--epochs", type=_positive_int, default=None, help="training epochs (default: train's default)"
-    )
-    p.set_defaults(func=cmd_demo)
+        command.arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _execute(args: argparse.Namespace) -> int:
+    """Run a parsed command; expected failures end in one line on stderr and exit status 1."""
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -417,6 +562,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"imgsim: error: {type(e).__name__}: {e} (set IMGSIM_DEBUG=1 for the traceback)", file=sys.stderr
         )
         return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`imgsim COMMAND ...`."""
+    return _execute(build_parser().parse_args(argv))
+
+
+def main_for(name: str, argv: Sequence[str] | None = None) -> int:
+    """`python -m pipelines.X ...`: the command `name` with its own parser (same flags as `imgsim X`).
+
+    Called from a pipeline module's `if __name__ == "__main__"` block: the command imports that
+    module again under its real name, so Ray pickles its functions by reference (a function defined
+    in `__main__` would be pickled by value, with every global it touches).
+    """
+    command = _command(name)
+    parser = _command_parser(command, prog=f"python -m {command.module}")
+    command.arguments(parser)
+    parser.set_defaults(func=command.run)
+    return _execute(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

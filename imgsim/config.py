@@ -34,20 +34,25 @@ class PreprocessConfig:
 class TrainConfig:
     """Training defaults (`imgsim train`)."""
 
-    epochs: int = 8  # Fashion-MNIST (60K images): measured in the README's results table
+    epochs: int = 8  # Fashion-MNIST (60K images): see the README's results table
     # With the default length, small data sets are repeated within each epoch up to this many
     # optimiser steps in all (Fashion-MNIST's 8 epochs are 1,872 steps, untouched).
     min_steps: int = 1000
     dim: int = 64
     batch_size: int = 256
     lr: float = 2e-3
-    # Weight of the auxiliary contrastive (InfoNCE) term; 0 = a plain denoising autoencoder. At a
-    # 4-minute budget on Fashion-MNIST the plain one won (P@10 0.835 vs 0.821 for 0.5, bench/quality.py):
-    # the contrastive term costs a second encoder/decoder pass per image and pays off only later.
+    # Weight of the auxiliary contrastive (InfoNCE) term; 0 = a plain denoising autoencoder, which
+    # won at short budgets on Fashion-MNIST (README, "what was tried"): the contrastive term costs a
+    # second encoder/decoder pass per image.
     nce_weight: float = 0.0
     workers: int = 1
     use_gpu: bool = False
     seed: int = 0
+
+
+#: KNN distances (imgsim.index) and index kinds: "auto" = "ivf" from `IndexConfig.ivf_threshold` vectors.
+METRICS = ("cosine", "l2")
+INDEX_KINDS = ("auto", "exact", "ivf")
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,22 @@ class IndexConfig:
     """Embedding, clustering and KNN defaults (`imgsim index`)."""
 
     clusters: int = 4
-    metric: str = "cosine"  # or "l2"
-    kind: str = "auto"  # "exact", "ivf" or "auto" (ivf above `ivf_threshold` vectors)
+    metric: str = "cosine"  # one of METRICS
+    kind: str = "auto"  # one of INDEX_KINDS
     ivf_threshold: int = 200_000
     nprobe: int = 16
     embed_batch_size: int = 256
     concurrency: int = 2
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Query defaults (`imgsim query`, `imgsim eval`, `Searcher`, `POST /search`)."""
+
+    k: int = 10
+    # URL queries from the user's own command line or Python may reach their own network; the HTTP
+    # server refuses private addresses unless told otherwise (ServeConfig.allow_private_urls: SSRF).
+    allow_private_urls: bool = True
 
 
 #: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
@@ -86,6 +101,7 @@ class Defaults:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
 

@@ -44,6 +44,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+#: Where `open_image` keeps a draft-decoded JPEG's full size (PIL's `info` survives `draft`).
+ORIGINAL_SIZE_KEY = "imgsim_original_size"
 #: Largest channel difference (0-255) that still counts as grey: JPEG chroma noise stays below it.
 GREY_TOLERANCE = 12
 
@@ -78,6 +80,7 @@ def open_image(data: bytes, draft_size: int | None = None, *, max_bytes: int = M
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})")
             if draft_size and img.format in ("JPEG", "MPO"):
+                img.info[ORIGINAL_SIZE_KEY] = (width, height)  # draft() reduces img.size
                 img.draft(img.mode, (draft_size, draft_size))
             img.load()  # first frame of an animation; raises on truncation
     except DecodeError:
@@ -181,10 +184,18 @@ def decode_image(
     data: bytes, image_size: int, channels: int, *, max_bytes: int = MAX_FILE_BYTES
 ) -> np.ndarray:
     """Decode image bytes to uint8 (C, S, S); raises `DecodeError` with a reason for bad input."""
+    return decode_image_and_size(data, image_size, channels, max_bytes=max_bytes)[0]
+
+
+def decode_image_and_size(
+    data: bytes, image_size: int, channels: int, *, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image`, and the original image's (width, height) in pixels (before any reduction)."""
     _check_shape(image_size, channels)
     img = open_image(data, draft_size=image_size, max_bytes=max_bytes)
+    size = img.info.get(ORIGINAL_SIZE_KEY, img.size)
     try:
-        return prepare_image(img, image_size, channels)
+        return prepare_image(img, image_size, channels), size
     except MemoryError:
         raise DecodeError("image too large to decode (out of memory)") from None
     except Exception as e:  # e.g. a mode Pillow cannot convert (LAB, HSV): a bad input, not a crash

@@ -16,4 +16,12 @@ class ModelMismatch(ImgsimError):
 
 
 class BadQuery(ImgsimError):
-    """A query could not be turned into an image (not found, not an image, too large, bad URL)."""
+    """A query could not be turned into an image (not found, not an image, too large, bad URL).
+
+    `reason` says why in a few words; the message is "<query>: <reason>" when the query is named.
+    """
+
+    def __init__(self, reason: str, query: str | None = None) -> None:
+        super().__init__(f"{query}: {reason}" if query else reason)
+        self.reason = reason
+        self.query = query

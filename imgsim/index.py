@@ -27,54 +27,53 @@ than k items.
 Linux), so a crash never leaves a half-written index; `load(dir, expect_fingerprint=...)` refuses an
 index built with another model.
 
-Threads: faiss uses OpenMP, by default one thread per core (or $OMP_NUM_THREADS). $IMGSIM_THREADS or
-`set_threads(n)` overrides that. Use 1 on an oversubscribed machine: when faiss's threads compete with
-other processes for the cores, OpenMP's barriers make it many times slower (KMeans on 60K x 64 took
-13 s with 2 threads against 0.5 s with 1 on a 2-core machine with load 14).
+Threads: faiss uses OpenMP, by default one thread per core (or $OMP_NUM_THREADS). $IMGSIM_THREADS
+(read when an index or clusterer is first fitted or loaded) or `set_threads(n)` overrides that. Use 1
+on an oversubscribed machine: when faiss's threads compete with other processes for the cores,
+OpenMP's barriers make it many times slower (docs/scaling.md has the measurement).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from imgsim.config import DEFAULTS
+from imgsim.atomic import recover_dir, writing_dir
+from imgsim.config import DEFAULTS, METRICS
+from imgsim.config import INDEX_KINDS as KINDS
 from imgsim.errors import ImgsimError, ModelMismatch, RunNotFound
 
 META_FILE = "meta.json"
 INDEX_FILE = "knn.faiss"
-METRICS = ("cosine", "l2")
-KINDS = ("auto", "exact", "ivf")
 IVF_TRAIN_POINTS_PER_LIST = 64  # training sample per IVF partition (faiss wants at least 39)
 IVF_TRAIN_ITERATIONS = 10  # KMeans iterations for the coarse quantiser
 GATHER_MIN_QUERIES = 64  # search_within on an exact index: from this many queries per cluster, use BLAS
-STALE_STAGING_S = 3600  # staging directories older than this were left by a killed writer
+THREADS_ENV = "IMGSIM_THREADS"
+_threads_chosen = False
 
 
 def set_threads(n: int | None = None) -> int:
     """Let faiss use `n` threads (None: $IMGSIM_THREADS when set, else leave it); returns the count."""
+    global _threads_chosen
     if n is None:
-        env = os.environ.get("IMGSIM_THREADS", "").strip()
+        env = os.environ.get(THREADS_ENV, "").strip()
         n = int(env) if env.isdigit() else None
     if n is not None:
         faiss.omp_set_num_threads(max(1, n))
+        _threads_chosen = True
     return int(faiss.omp_get_max_threads())
 
 
-set_threads()
+def _default_threads() -> None:
+    """Apply $IMGSIM_THREADS once, before the first faiss work, unless `set_threads` already chose."""
+    if not _threads_chosen:
+        set_threads()
 
 
 def as_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
@@ -89,11 +88,16 @@ def as_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def normalise(x: Any) -> np.ndarray:
+def normalise(x: Any, what: str = "embeddings") -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), as a new float32 matrix."""
-    x = as_matrix(x).copy()
+    x = as_matrix(x, what).copy()
     faiss.normalize_L2(x)
     return x
+
+
+def metric_space(x: Any, metric: str, what: str = "embeddings") -> np.ndarray:
+    """Vectors as the index compares them: unit length for cosine, as they are for l2."""
+    return normalise(x, what) if metric == "cosine" else as_matrix(x, what)
 
 
 def default_nlist(n: int) -> int:
@@ -115,77 +119,6 @@ def drop_ids(
     return scores[keep].reshape(rows, cols)[:, :k], ids[keep].reshape(rows, cols)[:, :k]
 
 
-# -- atomic directory replacement --------------------------------------------------------------------
-def staging_dir(target: Path) -> Path:
-    """A fresh empty directory beside `target`, to be filled and then swapped in by `replace_dir`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if sys.platform != "linux":
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file under `root`, and the directories, to disk before the swap."""
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_dir(target: Path) -> None:
-    """Put back the previous version of `target` if a save died between its two renames."""
-    if target.exists():
-        return
-    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if aside:
-        with contextlib.suppress(OSError):  # another process may be recovering it right now
-            os.replace(aside[-1], target)
-
-
-def _remove_stale(target: Path) -> None:
-    """Delete what killed writers left beside `target`: set-aside old versions, old staging dirs."""
-    now = time.time()
-    for p in target.parent.glob(f".{target.name}.*"):
-        stale = ".old-" in p.name or (p.suffix == ".tmp" and now - p.stat().st_mtime > STALE_STAGING_S)
-        if stale and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Swap the complete directory `tmp` into place at `target`, then delete the old version.
-
-    Linux: one atomic exchange. Elsewhere: two renames; a crash between them is repaired by
-    `recover_dir` (called by `load`), which restores the old version.
-    """
-    _fsync_tree(tmp)
-    recover_dir(target)
-    if target.exists() and _exchange(tmp, target):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old version
-    else:
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    _remove_stale(target)
-
-
 # -- KMeans ------------------------------------------------------------------------------------------
 class KMeansClusterer:
     """KMeans (faiss) on embeddings, in the search metric's space: spherical KMeans on unit vectors for
@@ -198,7 +131,7 @@ class KMeansClusterer:
     def __init__(
         self,
         n_clusters: int = DEFAULTS.index.clusters,
-        metric: str = "cosine",
+        metric: str = DEFAULTS.index.metric,
         seed: int = 0,
         n_iter: int = 25,
         n_init: int = 3,
@@ -216,10 +149,11 @@ class KMeansClusterer:
         self.max_points_per_centroid = max_points_per_centroid
 
     def _space(self, x: Any) -> np.ndarray:
-        return normalise(x) if self.metric == "cosine" else as_matrix(x)
+        return metric_space(x, self.metric)
 
     def fit(self, emb: np.ndarray) -> KMeansClusterer:
         """Learn the centroids (best of `n_init` runs) and each embedding's cluster."""
+        _default_threads()
         x = self._space(emb)
         if len(x) == 0:
             raise ValueError("cannot cluster an empty set of embeddings")
@@ -253,16 +187,10 @@ class KMeansClusterer:
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write centroids.npy and kmeans.json to `directory`, atomically."""
-        target = Path(directory)
-        tmp = staging_dir(target)
-        try:
+        with writing_dir(directory) as tmp:
             np.save(tmp / "centroids.npy", self.centroids_)
             meta = {"n_clusters": self.n_clusters_, "metric": self.metric, "seed": self.seed}
             (tmp / "kmeans.json").write_text(json.dumps(meta, indent=2) + "\n")
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> KMeansClusterer:
@@ -315,11 +243,7 @@ class KnnIndex:
 
     # -- fit -----------------------------------------------------------------------------------------
     def _space(self, x: Any, what: str = "embeddings") -> np.ndarray:
-        x = as_matrix(x, what)
-        if self.metric == "cosine":
-            x = x.copy()
-            faiss.normalize_L2(x)
-        return x
+        return metric_space(x, self.metric, what)
 
     def fit(self, emb: np.ndarray, centroids: np.ndarray | None = None) -> KnnIndex:
         """Index the rows of `emb` (N, D); their row numbers are the ids `search` returns.
@@ -329,6 +253,7 @@ class KnnIndex:
         query then scans only its predicted cluster: the original design, at a cost proportional to
         the cluster's size (`search_within` gives the same results on any index, but scans all N).
         """
+        _default_threads()
         x = self._space(emb)
         n, d = x.shape
         if n == 0:
@@ -485,21 +410,6 @@ class KnnIndex:
             dist[rows, :kc], ids[rows, :kc] = self._to_distance(scores), found
         return dist, ids
 
-    def search_subset(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Like `search`, but only among the ids in `allowed`; k' = min(k, len(allowed))."""
-        x = self._queries(q)
-        allowed = np.unique(np.asarray(allowed, dtype=np.int64))
-        allowed = allowed[(allowed >= 0) & (allowed < self.n_)]
-        k = min(k, len(allowed))
-        if k == 0:
-            return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
-        mask = np.zeros(self.n_, bool)
-        mask[allowed] = True
-        bitmap = np.packbits(mask, bitorder="little")
-        sel = faiss.IDSelectorBitmap(self.n_, faiss.swig_ptr(bitmap))
-        scores, ids = self._search(x, k, sel=sel)
-        return self._to_distance(scores), ids
-
     def _vectors(self) -> np.ndarray:
         """The stored (N, D) vectors of an exact index, without a copy."""
         return faiss.rev_swig_ptr(self.index_.get_xb(), self.n_ * self.dim_).reshape(self.n_, self.dim_)
@@ -529,23 +439,18 @@ class KnnIndex:
 
         `model_fingerprint` is opaque: `load(expect_fingerprint=...)` compares it.
         """
-        target = Path(directory)
-        tmp = staging_dir(target)
-        try:
+        with writing_dir(directory) as tmp:
             faiss.write_index(self.index_, str(tmp / INDEX_FILE))
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
             meta = {**self.meta, "model_fingerprint": model_fingerprint}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self.model_fingerprint_ = model_fingerprint
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], expect_fingerprint: str | None = None) -> KnnIndex:
         """The index saved in `directory`; `ModelMismatch` if it was built with another model."""
+        _default_threads()
         d = Path(directory)
         recover_dir(d)
         if not (d / META_FILE).is_file():

@@ -5,8 +5,8 @@ Input is the uint8 (N, C, S, S) batch that `imgsim.decode.decode_image` produces
 returns the search embedding: the bottleneck centred on the training-set mean (buffers saved with
 the weights), so cosine similarity compares directions around the data's centre rather than the
 origin. When trained with the contrastive term it is also PCA-whitened with the training-set
-covariance: that raised P@10 from 0.791 to 0.821 for the contrastive model but lowered the plain
-autoencoder's (0.835 to 0.831), so the plain default only centres.
+covariance, which helped the contrastive model and not the plain autoencoder (README, "what was
+tried"), so the plain default only centres.
 
 Training objective (see `pipelines/train.py`): reconstruction of the clean image from a mildly
 augmented, noisy view (a denoising autoencoder), optionally plus an auxiliary contrastive term
@@ -29,19 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgsim.atomic import atomic_write_bytes, atomic_write_json
+from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
-from imgsim.runs import RunPaths, atomic_write_bytes, atomic_write_json
-
-MODEL_FILE = "model.pt"
+from imgsim.runs import RunPaths
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture plus the preprocessing settings the model was trained with."""
 
-    image_size: int = 32
-    channels: int = 1
-    dim: int = 64
+    image_size: int = DEFAULTS.preprocess.image_size
+    channels: int = DEFAULTS.preprocess.channels
+    dim: int = DEFAULTS.train.dim
     widths: tuple[int, ...] = (32, 64, 128)
     proj_dim: int = 64  # contrastive projection head (training only)
 
@@ -160,9 +160,10 @@ class AutoEncoder(nn.Module):
 
 
 def _model_path(run_dir: str | os.PathLike[str]) -> Path:
+    """RUN/model/model.pt; `run_dir` may also be the model/ folder itself."""
     run_dir = Path(run_dir)
-    # Accept either the run directory or its model/ folder.
-    return run_dir / MODEL_FILE if run_dir.name == "model" else RunPaths(run_dir).model_dir / MODEL_FILE
+    paths = RunPaths(run_dir.parent if run_dir.name == "model" else run_dir)
+    return paths.model_file
 
 
 def save(model: AutoEncoder, run_dir: str | os.PathLike[str], extra: dict | None = None) -> Path:
@@ -173,7 +174,9 @@ def save(model: AutoEncoder, run_dir: str | os.PathLike[str], extra: dict | None
     buf = io.BytesIO()
     torch.save(payload, buf)
     atomic_write_bytes(path, buf.getvalue())
-    atomic_write_json(path.with_name("config.json"), {"model": model.config.to_dict(), **(extra or {})})
+    atomic_write_json(
+        RunPaths(path.parent.parent).model_config, {"model": model.config.to_dict(), **(extra or {})}
+    )
     return path
 
 
@@ -209,8 +212,8 @@ def describe(model: AutoEncoder) -> str:
 class Augment:
     """Batch augmentations in torch (no torchvision): random resized crop, flip, brightness/contrast."""
 
-    # Mild by default: with the plain denoising objective, crops of 0.7-1.0 and shifts of 15 % gave
-    # P@10 0.819 on Fashion-MNIST in 4 minutes, 0.92-1.0 and 4 % gave 0.835 (bench/quality.py).
+    # Mild by default: with the plain denoising objective, milder crops and shifts did better on
+    # Fashion-MNIST (README, "what was tried").
     scale: tuple[float, float] = (0.92, 1.0)
     max_shift: float = 0.04
     flip: bool = True

@@ -15,7 +15,7 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from imgsim.runs import temp_path_beside  # noqa: E402
+from imgsim.atomic import temp_path_beside  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, out: str | os.PathLike[str]) -> Path:
@@ -156,7 +156,8 @@ def plot_tsne_run(
     """t-SNE of RUN's indexed embeddings (RUN/index/embeddings.parquet): what `imgsim tsne` draws."""
     import json
 
-    from imgsim.runs import RunPaths, read_embeddings
+    from imgsim.rows import read_embeddings
+    from imgsim.runs import RunPaths
 
     emb, cols = read_embeddings(run, columns=("label", "cluster"))
     manifest = RunPaths(run).manifest

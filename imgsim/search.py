@@ -46,7 +46,7 @@ class Searcher:
         paths: list[str],
         labels: list[str | None],
         clusters: np.ndarray,
-        allow_private_urls: bool = True,
+        allow_private_urls: bool = DEFAULTS.search.allow_private_urls,
         max_query_bytes: int = DEFAULTS.serve.max_body_bytes,
     ) -> None:
         self.model = model
@@ -57,11 +57,13 @@ class Searcher:
         self.clusters = clusters
         self.allow_private_urls = allow_private_urls
         self.max_query_bytes = max_query_bytes
-        self._members = {int(c): np.flatnonzero(clusters == c) for c in np.unique(clusters)}
 
     @classmethod
     def load(
-        cls, run: str | os.PathLike[str], device: str = "cpu", allow_private_urls: bool = True
+        cls,
+        run: str | os.PathLike[str],
+        device: str = "cpu",
+        allow_private_urls: bool = DEFAULTS.search.allow_private_urls,
     ) -> Searcher:
         """Load RUN's model and index; refuses an index built with another model."""
         paths = RunPaths(run)
@@ -73,7 +75,7 @@ class Searcher:
         if not paths.embeddings.is_file():
             raise RunNotFound(f"no index in {paths.root} — run `imgsim index DATA --model {run}` first")
         index = KnnIndex.load(paths.index_dir, expect_fingerprint=model.fingerprint)  # type: ignore[attr-defined]
-        clusterer = KMeansClusterer.load(paths.index_dir / "kmeans")
+        clusterer = KMeansClusterer.load(paths.kmeans_dir)
         table = pq.read_table(paths.embeddings, columns=["path", "label", "cluster"])
         return cls(
             model,
@@ -94,15 +96,15 @@ class Searcher:
         s = str(x)
         scheme = s.split("://", 1)[0].lower() if "://" in s else ""
         if scheme and scheme not in ("http", "https", "s3"):
-            raise BadQuery(f"{s}: only http and https URLs, s3:// URIs and local paths are supported")
+            raise BadQuery("only http and https URLs, s3:// URIs and local paths are supported", s)
         if is_url(s):
             return fetch_url(s, max_bytes=self.max_query_bytes, allow_private=self.allow_private_urls)
         try:
             return read_bytes(s)
         except FileNotFoundError:
-            raise BadQuery(f"{s}: no such file") from None
+            raise BadQuery("no such file", s) from None
         except OSError as e:
-            raise BadQuery(f"{s}: cannot read ({e})") from None
+            raise BadQuery(f"cannot read ({e})", s) from None
 
     def to_image(self, x: Query) -> np.ndarray:
         """Any query form → uint8 (C, S, S), exactly as indexed images were preprocessed."""
@@ -120,28 +122,32 @@ class Searcher:
             data = bytes(x) if isinstance(x, bytes | bytearray | memoryview) else self.query_bytes(x)
             return decode_image(data, cfg.image_size, cfg.channels)
         except DecodeError as e:
-            raise BadQuery(f"{_describe(x)}: {e.reason}") from None
+            raise BadQuery(e.reason, _describe(x)) from None
 
     # -- search ------------------------------------------------------------------------------------
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.model.embed(images)
 
+    def search_embeddings(
+        self, emb: np.ndarray, k: int = DEFAULTS.search.k, within_cluster: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(predicted clusters, distances, ids) for query embeddings; `within_cluster` searches only
+        each query's predicted cluster (the original design)."""
+        clusters = self.clusterer.predict(emb)
+        if within_cluster:
+            dist, ids = self.index.search_within(emb, k, clusters, self.clusters)
+        else:
+            dist, ids = self.index.search(emb, k)
+        return clusters, dist, ids
+
     def search_preprocessed(
-        self, images: np.ndarray, k: int = 10, within_cluster: bool = False
+        self, images: np.ndarray, k: int = DEFAULTS.search.k, within_cluster: bool = False
     ) -> list[dict[str, Any]]:
         """Search a batch of preprocessed uint8 (N, C, S, S) images: one `{cluster, results}` each."""
-        emb = self.embed(images)
-        clusters = self.clusterer.predict(emb)
-        if not within_cluster:
-            dist, ids = self.index.search(emb, k)
-            return [self._answer(int(c), d, i) for c, d, i in zip(clusters, dist, ids, strict=True)]
-        out = []
-        for e, c in zip(emb, clusters, strict=True):
-            d, i = self.index.search_subset(e[None], k, self._members.get(int(c), np.zeros(0, np.int64)))
-            out.append(self._answer(int(c), d[0], i[0]))
-        return out
+        clusters, dist, ids = self.search_embeddings(self.embed(images), k, within_cluster)
+        return [self._answer(int(c), d, i) for c, d, i in zip(clusters, dist, ids, strict=True)]
 
-    def search(self, x: Query, k: int = 10, within_cluster: bool = False) -> dict[str, Any]:
+    def search(self, x: Query, k: int = DEFAULTS.search.k, within_cluster: bool = False) -> dict[str, Any]:
         """The top `k` indexed images for one query: `{"query", "cluster", "results": [...]}`."""
         answer = self.search_preprocessed(self.to_image(x)[None], k, within_cluster)[0]
         return {"query": _describe(x), **answer}
@@ -181,7 +187,7 @@ class Searcher:
         try:
             return _display(open_image(data))
         except DecodeError as e:
-            raise BadQuery(f"{_describe(x)}: {e.reason}") from None
+            raise BadQuery(e.reason, _describe(x)) from None
 
 
 def _display(img: Image.Image) -> Image.Image:

@@ -1,27 +1,27 @@
 """Index: embed (incrementally) → Parquet → KMeans → KNN, written as one atomic directory swap.
 
-Incremental: `RUN/index/files.parquet` remembers each input's size and modification time and the
-model fingerprint in `manifest.json`. A re-run embeds only new or changed images, drops removed
-ones and reuses the stored embeddings (and stored skip reasons); a different model means a full
-re-embed. Resumable: embeddings stream into part files under `RUN/.index-staging-<model>/` as
-batches finish, so an interrupted run picks up where it stopped. The new `RUN/index/` is built
-beside the old one and swapped in whole, so readers never see a half-written index.
+Incremental: every row records its input's size and modification time, and `manifest.json` the
+model's fingerprint. A re-run embeds only new or changed images, drops removed ones and reuses the
+stored embeddings (and stored skip reasons); a different model means a full re-embed. Resumable:
+embeddings stream into part files under `RUN/.index-staging-<model>/` as batches finish, so a
+killed run picks up where it stopped. The new `RUN/index/` is built beside the old one and swapped
+in whole (`imgsim.atomic`), so readers never see a half-written index.
 
-    ray job submit --working-dir . -- python -m pipelines.build_index DATA --model RUN
+Rows are Arrow tables of `imgsim.rows.FILE_SCHEMA` throughout (no Python object per image).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgsim import model as model_lib
@@ -29,66 +29,162 @@ from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError
 from imgsim.index import KMeansClusterer, KnnIndex
 from imgsim.progress import bar, log
-from imgsim.runs import RunPaths, embedding_matrix
+from imgsim.rows import FILE_SCHEMA, INDEX_COLUMNS, embedding_array, embedding_matrix, text_array
+from imgsim.runs import RunPaths
 from imgsim.sources import ImageRef, list_images
 from pipelines.embed import StageTimes, embed_images
-from pipelines.ingest import as_text, error_reason
 from pipelines.runtime import ensure_ray
 
-FILES = "files.parquet"  # path, size, mtime, error: what the last run saw
 STAGING_ROWS = 4096  # rows per staged part file
 
 
-def _staging_dir(paths: RunPaths, fingerprint: str) -> Path:
-    return paths.root / f".index-staging-{fingerprint}"
-
-
-def _read_previous(paths: RunPaths, fingerprint: str) -> dict[str, dict[str, Any]]:
-    """path → {size, mtime, label, embedding | None, error | None} from the last completed run."""
-    if not paths.manifest.is_file() or not (paths.index_dir / FILES).is_file():
-        return {}
-    if json.loads(paths.manifest.read_text()).get("model_fingerprint") != fingerprint:
-        return {}
-    files = pq.read_table(paths.index_dir / FILES).to_pylist()
-    emb_table = pq.read_table(paths.embeddings, columns=["path", "embedding"])
-    emb = dict(zip(emb_table["path"].to_pylist(), embedding_matrix(emb_table), strict=True))
-    return {f["path"]: {**f, "embedding": emb.get(f["path"])} for f in files}
-
-
-def _read_staged(staging: Path) -> dict[str, dict[str, Any]]:
-    """Rows an interrupted run already embedded with this model."""
-    rows: dict[str, dict[str, Any]] = {}
-    for part in sorted(staging.glob("part-*.parquet")):
-        table = pq.read_table(part)
-        for row, e in zip(table.drop(["embedding"]).to_pylist(), embedding_matrix(table), strict=True):
-            rows[row["path"]] = {**row, "embedding": e if row["error"] is None else None}
-    return rows
-
-
-def _write_part(
-    staging: Path, n: int, rows: dict[str, np.ndarray], refs_by_path: dict[str, ImageRef]
-) -> None:
-    paths = [str(p) for p in rows["path"]]
-    dim = rows["embedding"].shape[1]
-    table = pa.table(
+# -- rows ----------------------------------------------------------------------------------------
+def listing_table(refs: list[ImageRef]) -> pa.Table:
+    """The listed inputs as columns: path, label, size, mtime."""
+    return pa.table(
         {
-            "path": paths,
-            "label": [as_text(lab) for lab in rows["label"]],
-            "size": [refs_by_path[p].size for p in paths],
-            "mtime": [refs_by_path[p].mtime for p in paths],
-            "error": [error_reason(e) for e in rows["error"]],
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(rows["embedding"].reshape(-1), pa.float32()), dim
-            ),
+            "path": pa.array([r.path for r in refs], pa.string()),
+            "label": pa.array([r.label for r in refs], pa.string()),
+            "size": pa.array([r.size for r in refs], pa.int64()),
+            "mtime": pa.array([r.mtime for r in refs], pa.int64()),
         }
     )
-    tmp = staging / f".part-{n:06d}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, staging / f"part-{n:06d}.parquet")
 
 
-def _unchanged(ref: ImageRef, row: dict[str, Any] | None) -> bool:
-    return row is not None and row["size"] == ref.size and row["mtime"] == ref.mtime
+def as_file_rows(table: pa.Table) -> pa.Table:
+    """`table` with exactly FILE_SCHEMA's columns: missing ones become nulls, types are cast."""
+    columns = []
+    for f in FILE_SCHEMA:
+        if f.name in table.column_names:
+            columns.append(table[f.name].cast(f.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
+
+
+def file_rows_from_batch(batch: dict[str, np.ndarray], listing: pa.Table) -> pa.Table:
+    """A batch of embedding rows (Ray Data, numpy) as file rows, with size and mtime from `listing`."""
+    paths = pa.array([str(p) for p in batch["path"]], pa.string())
+    at = pc.index_in(paths, value_set=listing["path"])
+    return pa.table(
+        {
+            "path": paths,
+            "label": text_array(batch["label"]),
+            "size": listing["size"].take(at),
+            "mtime": listing["mtime"].take(at),
+            "error": text_array(batch["error"]),
+            "content_hash": text_array(batch["content_hash"]),
+            "width": pa.array(batch["width"], pa.int32()),
+            "height": pa.array(batch["height"], pa.int32()),
+            "embedding": embedding_array(batch["embedding"]),
+        },
+        schema=FILE_SCHEMA,
+    )
+
+
+def _empty_rows() -> pa.Table:
+    return FILE_SCHEMA.empty_table()
+
+
+def _read_previous(paths: RunPaths, fingerprint: str) -> pa.Table:
+    """File rows of the last completed run with this model (good rows and skipped ones)."""
+    if not paths.manifest.is_file() or not paths.files.is_file():
+        return _empty_rows()
+    if json.loads(paths.manifest.read_text()).get("model_fingerprint") != fingerprint:
+        return _empty_rows()
+    good = pq.read_table(paths.embeddings)
+    if "size" not in good.column_names:  # an index written before rows recorded size and mtime
+        log("[index] the index was written by an older imgsim: every image is embedded again")
+        return _empty_rows()
+    files = pq.read_table(paths.files)
+    bad = files.filter(pc.is_valid(files["error"]))
+    return pa.concat_tables([as_file_rows(good), as_file_rows(bad)])
+
+
+def _read_staged(staging: Path) -> pa.Table:
+    """File rows that a killed run already embedded with this model."""
+    parts = sorted(staging.glob("part-*.parquet"))
+    return pa.concat_tables([as_file_rows(pq.read_table(p)) for p in parts]) if parts else _empty_rows()
+
+
+def _unchanged(listing: pa.Table, known: pa.Table) -> np.ndarray:
+    """For each listed input, the row of `known` recording it with the same size and mtime, or -1."""
+    if known.num_rows == 0:
+        return np.full(listing.num_rows, -1, np.int64)
+    at = pc.index_in(listing["path"], value_set=known["path"])
+    found = pc.is_valid(at).to_numpy(zero_copy_only=False)
+    rows = at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    same = (
+        found
+        & (known["size"].to_numpy()[rows] == listing["size"].to_numpy())
+        & (known["mtime"].to_numpy()[rows] == listing["mtime"].to_numpy())
+    )
+    return np.where(same, rows, -1)
+
+
+@dataclass
+class Plan:
+    """What a run reuses and what it must embed."""
+
+    resumed: pa.Table  # rows a killed run staged
+    reused: pa.Table  # rows of the previous index
+    todo: list[ImageRef]  # inputs to embed
+    removed: int  # inputs of the previous index that are gone
+
+
+def plan_work(refs: list[ImageRef], listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
+    from_staged = _unchanged(listing, staged)
+    from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, previous))
+    todo_mask = (from_staged < 0) & (from_previous < 0)
+    gone = pc.invert(pc.is_in(previous["path"], value_set=listing["path"])) if previous.num_rows else None
+    return Plan(
+        resumed=staged.take(from_staged[from_staged >= 0]),
+        reused=previous.take(from_previous[from_previous >= 0]),
+        todo=[r for r, t in zip(refs, todo_mask, strict=True) if t],
+        removed=int(pc.sum(gone).as_py() or 0) if gone is not None else 0,
+    )
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def _staging(paths: RunPaths, fingerprint: str, full: bool) -> Path:
+    """This model's staging folder (emptied with `full`); other models' staging is useless now."""
+    staging = paths.index_staging(fingerprint)
+    for old in paths.all_index_staging():
+        if old != staging or full:
+            shutil.rmtree(old, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _embed_into_staging(
+    data: str,
+    paths: RunPaths,
+    todo: list[ImageRef],
+    listing: pa.Table,
+    staging: Path,
+    times: StageTimes,
+    concurrency: int,
+    use_gpu: bool,
+) -> list[pa.Table]:
+    """Embed `todo` with the Ray Data job, writing each batch of rows to a staging part as it comes."""
+    ensure_ray()
+    part = len(list(staging.glob("part-*.parquet")))
+    tables = []
+    ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
+    with bar(len(todo), desc="embedding", unit="img") as progress:
+        for batch in ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy"):
+            times.add(batch)
+            t0 = time.perf_counter()
+            table = file_rows_from_batch(batch, listing)
+            tmp = staging / f".part-{part:06d}.tmp"
+            pq.write_table(table, tmp)
+            tmp.replace(staging / f"part-{part:06d}.parquet")
+            times.write += time.perf_counter() - t0
+            tables.append(table)
+            part += 1
+            progress.update(table.num_rows)
+    log(f"[index] {times.summary()}")
+    return tables
 
 
 def build_index(
@@ -102,75 +198,34 @@ def build_index(
     concurrency: int = DEFAULTS.index.concurrency,
     use_gpu: bool = False,
     full: bool = False,
-    _fail_after_parts: int | None = None,
 ) -> dict[str, Any]:
     """Embed every image under `data` with RUN's model, cluster, index; return a summary."""
     started = time.perf_counter()
     paths = RunPaths(Path(run).resolve())
     fingerprint = model_lib.fingerprint(paths.root)
     refs = list_images(data)
-    refs_by_path = {r.path: r for r in refs}
-
-    previous = {} if full else _read_previous(paths, fingerprint)
-    staging = _staging_dir(paths, fingerprint)
-    for old in paths.root.glob(".index-staging-*"):
-        if old != staging:  # staging from another model is useless now
-            shutil.rmtree(old, ignore_errors=True)
-    if full:
-        shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True, exist_ok=True)
-    staged = _read_staged(staging)
-
-    rows: dict[str, dict[str, Any]] = {}
-    todo: list[ImageRef] = []
-    reused = resumed = 0
-    for ref in refs:
-        if _unchanged(ref, staged.get(ref.path)):
-            rows[ref.path], resumed = staged[ref.path], resumed + 1
-        elif _unchanged(ref, previous.get(ref.path)):
-            rows[ref.path], reused = previous[ref.path], reused + 1
-        else:
-            todo.append(ref)
-    removed = len(set(previous) - set(refs_by_path))
+    listing = listing_table(refs)
+    staging = _staging(paths, fingerprint, full)
+    previous = _empty_rows() if full else _read_previous(paths, fingerprint)
+    plan = plan_work(refs, listing, _read_staged(staging), previous)
     log(
-        f"[index] {len(refs)} images: {len(todo)} to embed, {reused} unchanged, {resumed} from an "
-        f"interrupted run, {removed} removed"
+        f"[index] {len(refs)} images: {len(plan.todo)} to embed, {plan.reused.num_rows} unchanged, "
+        f"{plan.resumed.num_rows} from an interrupted run, {plan.removed} removed"
     )
-
     times = StageTimes()
-    if todo:
-        ensure_ray()
-        part = len(list(staging.glob("part-*.parquet")))
-        ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
-        with bar(len(todo), desc="embedding", unit="img") as progress:
-            for batch in ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy"):
-                times.add(batch)
-                t0 = time.perf_counter()
-                _write_part(staging, part, batch, refs_by_path)
-                times.write += time.perf_counter() - t0
-                part += 1
-                progress.update(len(batch["path"]))
-                for i, p in enumerate(batch["path"]):
-                    err = error_reason(batch["error"][i])
-                    rows[str(p)] = {
-                        "path": str(p),
-                        "label": as_text(batch["label"][i]),
-                        "size": refs_by_path[str(p)].size,
-                        "mtime": refs_by_path[str(p)].mtime,
-                        "error": err,
-                        "embedding": batch["embedding"][i] if err is None else None,
-                    }
-                if _fail_after_parts is not None and part >= _fail_after_parts:
-                    raise RuntimeError(f"injected failure after {part} parts")
-        log(f"[index] {times.summary()}")
-
-    summary = _write_index(paths, refs, rows, fingerprint, data, clusters, metric, kind, nprobe)
+    new: list[pa.Table] = []
+    if plan.todo:
+        new = _embed_into_staging(data, paths, plan.todo, listing, staging, times, concurrency, use_gpu)
+    rows = pa.concat_tables([plan.resumed, plan.reused, *new]).sort_by("path")
+    summary = write_index(
+        paths, rows, fingerprint, data, clusters=clusters, metric=metric, kind=kind, nprobe=nprobe
+    )
     shutil.rmtree(staging, ignore_errors=True)
     summary.update(
-        embedded=len(todo),
-        reused=reused,
-        resumed=resumed,
-        removed=removed,
+        embedded=len(plan.todo),
+        reused=plan.reused.num_rows,
+        resumed=plan.resumed.num_rows,
+        removed=plan.removed,
         seconds=round(time.perf_counter() - started, 1),
         stage_seconds={
             "read": round(times.read, 1),
@@ -182,51 +237,33 @@ def build_index(
     return summary
 
 
-def _write_index(
+def write_index(
     paths: RunPaths,
-    refs: list[ImageRef],
-    rows: dict[str, dict[str, Any]],
+    rows: pa.Table,
     fingerprint: str,
     data: str,
-    clusters: int,
-    metric: str,
-    kind: str,
-    nprobe: int,
+    *,
+    clusters: int = DEFAULTS.index.clusters,
+    metric: str = DEFAULTS.index.metric,
+    kind: str = DEFAULTS.index.kind,
+    nprobe: int = DEFAULTS.index.nprobe,
 ) -> dict[str, Any]:
-    good = [rows[r.path] for r in refs if rows[r.path]["error"] is None]
-    bad = [rows[r.path] for r in refs if rows[r.path]["error"] is not None]
-    if not good:
-        raise ImgsimError(f"none of the {len(refs)} files under {data} could be used as an image")
-    emb = np.stack([np.asarray(r["embedding"], dtype=np.float32) for r in good])
+    """KMeans + KNN over the good file rows (`imgsim.rows.FILE_SCHEMA`); every index file written
+    and swapped in as one directory."""
+    ok = pc.is_null(rows["error"])
+    good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
+    if good.num_rows == 0:
+        raise ImgsimError(f"none of the {rows.num_rows} files under {data} could be used as an image")
+    emb = embedding_matrix(good)
     clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
     index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
-    table = pa.table(
-        {
-            "path": pa.array([r["path"] for r in good], pa.string()),
-            "label": pa.array([None if r["label"] is None else str(r["label"]) for r in good], pa.string()),
-            "cluster": pa.array(clusterer.labels_, pa.int64()),
-            "embedding": pa.array([list(e) for e in emb], pa.list_(pa.float32())),
-        }
-    )
-    files = pa.table(
-        {
-            "path": [rows[r.path]["path"] for r in refs],
-            "size": pa.array([int(rows[r.path]["size"]) for r in refs], pa.int64()),
-            "mtime": pa.array([int(rows[r.path]["mtime"]) for r in refs], pa.int64()),
-            "error": pa.array(
-                [None if rows[r.path]["error"] is None else str(rows[r.path]["error"]) for r in refs],
-                pa.string(),
-            ),
-            "label": pa.array(
-                [None if rows[r.path]["label"] is None else str(rows[r.path]["label"]) for r in refs],
-                pa.string(),
-            ),
-        }
-    )
+    good = good.append_column("cluster", pa.array(clusterer.labels_, pa.int64()))
+    table = good.select([*INDEX_COLUMNS, "embedding"])
+    files = rows.select(["path", "label", "size", "mtime", "error", "content_hash", "width", "height"])
     manifest = {
         "data": data,
-        "images": len(good),
-        "skipped": len(bad),
+        "images": good.num_rows,
+        "skipped": bad.num_rows,
         "model_fingerprint": fingerprint,
         "metric": metric,
         "index_kind": index.kind_,
@@ -234,21 +271,24 @@ def _write_index(
         "dim": int(emb.shape[1]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    skipped_lines = "".join(json.dumps({"path": r["path"], "reason": str(r["error"])}) + "\n" for r in bad)
+    skipped_lines = "".join(
+        json.dumps({"path": p, "reason": r}) + "\n"
+        for p, r in zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
+    )
     index.save(
         paths.index_dir,
         model_fingerprint=fingerprint,
         extra_files={
-            "embeddings.parquet": lambda p: pq.write_table(table, p),
-            FILES: lambda p: pq.write_table(files, p),
-            "skipped.jsonl": lambda p: p.write_text(skipped_lines),
-            "kmeans": clusterer.save,
-            "manifest.json": lambda p: p.write_text(json.dumps(manifest, indent=2)),
+            paths.embeddings.name: lambda p: pq.write_table(table, p),
+            paths.files.name: lambda p: pq.write_table(files, p),
+            paths.skipped.name: lambda p: p.write_text(skipped_lines),
+            paths.kmeans_dir.name: clusterer.save,
+            paths.manifest.name: lambda p: p.write_text(json.dumps(manifest, indent=2)),
         },
     )
     return {
-        "images": len(good),
-        "skipped": len(bad),
+        "images": good.num_rows,
+        "skipped": bad.num_rows,
         "skipped_path": str(paths.skipped),
         "clusters": manifest["clusters"],
         "index_kind": index.kind_,
@@ -258,34 +298,9 @@ def _write_index(
     }
 
 
-def main() -> None:
-    d = DEFAULTS.index
-    p = argparse.ArgumentParser(
-        description="Embed, cluster and index DATA with RUN's model (see `imgsim index --help`)."
-    )
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--model", required=True, metavar="RUN")
-    p.add_argument("--clusters", type=int, default=d.clusters)
-    p.add_argument("--metric", choices=["cosine", "l2"], default=d.metric)
-    p.add_argument("--kind", choices=["auto", "exact", "ivf"], default=d.kind)
-    p.add_argument("--nprobe", type=int, default=d.nprobe)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--full", action="store_true")
-    a = p.parse_args()
-    summary = build_index(
-        a.data,
-        a.model,
-        clusters=a.clusters,
-        metric=a.metric,
-        kind=a.kind,
-        nprobe=a.nprobe,
-        concurrency=a.concurrency,
-        use_gpu=a.gpu,
-        full=a.full,
-    )
-    print(json.dumps(summary))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("index"))

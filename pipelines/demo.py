@@ -8,15 +8,14 @@ Each step is the same function the matching CLI command calls; nothing here is d
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgsim.runs import RunPaths, atomic_write_json
+from imgsim.atomic import atomic_write_json
+from imgsim.runs import RunPaths
 
 
 @dataclass
@@ -58,12 +57,12 @@ def demo(work: str = "demo-run", limit: int | None = None, epochs: int | None = 
     train_kwargs: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
     trained = timer.run("train", train, str(data / "train"), str(run), resume=True, **train_kwargs)
     indexed = timer.run("index", build_index, str(data / "train"), str(run))
-    metrics = timer.run("eval", evaluate_run, str(run), queries=str(data / "test"), k=10)
-    tsne_png = paths.plots_dir / "tsne.png"
+    metrics = timer.run("eval", evaluate_run, str(run), queries=str(data / "test"))
+    tsne_png = paths.tsne_plot
     timer.run("t-SNE", plot_tsne_run, str(run), str(tsne_png), max_points=5_000)
 
     query_image = _first_image(data / "test" / "ankle-boot")
-    query_png = paths.plots_dir / "query.png"
+    query_png = paths.query_plot
 
     def _query() -> dict[str, Any]:
         searcher = Searcher.load(str(run))
@@ -83,14 +82,14 @@ def demo(work: str = "demo-run", limit: int | None = None, epochs: int | None = 
         "files": {
             "data": str(data),
             "model": str(paths.model_dir),
-            "loss_plot": str(paths.plots_dir / "loss.png"),
+            "loss_plot": str(paths.loss_plot),
             "embeddings": str(paths.embeddings),
             "skipped": str(paths.skipped),
             "tsne_plot": str(tsne_png),
             "query_plot": str(query_png),
         },
     }
-    atomic_write_json(run / "demo-summary.json", summary)
+    atomic_write_json(paths.demo_summary, summary)
     _print_summary(summary, run)
     return summary
 
@@ -112,20 +111,13 @@ def _print_summary(summary: dict[str, Any], run: Path) -> None:
     print("files:")
     for name, path in summary["files"].items():
         print(f"  {name:<11} {path}")
-    print(f"  {'summary':<11} {run / 'demo-summary.json'}")
+    print(f"  {'summary':<11} {RunPaths(run).demo_summary}")
     print(f"next: imgsim query IMAGE --model {run} --plot out.png   |   imgsim serve --model {run}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--work", default="demo-run")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    args = parser.parse_args()
-    print(json.dumps(demo(args.work, limit=args.limit, epochs=args.epochs)["eval"]))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("demo"))

@@ -5,12 +5,11 @@ The mapper is a callable class (clip-retrieval's shape): `__init__` loads the mo
 reason and a zero embedding. Rows carry per-stage seconds (read / decode / encode) so the job can
 report which stage is slow.
 
-    ray job submit --working-dir . -- python -m pipelines.embed DATA --model RUN --out emb.parquet
+    ray job submit --working-dir . -- python -m pipelines.embed DATA --model RUN --out PARQUET_DIR
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +20,9 @@ import ray
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.progress import log
+from imgsim.rows import as_text, ok_mask
 from imgsim.sources import ImageRef
-from pipelines.ingest import as_text, ok_mask, read_images
+from pipelines.ingest import read_images
 from pipelines.runtime import ensure_ray
 
 
@@ -138,20 +138,21 @@ def embed_folder(
     return paths, labels, emb, skipped
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(
-        description="Embed every image under DATA with RUN's encoder into a Parquet file."
-    )
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--model", required=True, metavar="RUN")
-    p.add_argument("--out", required=True, help="Parquet file or folder to write (Ray Data write_parquet)")
-    p.add_argument("--concurrency", type=int, default=DEFAULTS.index.concurrency)
-    p.add_argument("--gpu", action="store_true")
-    a = p.parse_args()
-    ds = embed_images(a.data, a.model, concurrency=a.concurrency, use_gpu=a.gpu)
-    ds.drop_columns(["read_s", "decode_s", "encode_s"]).write_parquet(a.out)
-    print(f"embeddings written to {a.out}")
+def write_embeddings(
+    root: str, run: str, out: str, *, concurrency: int = DEFAULTS.index.concurrency, use_gpu: bool = False
+) -> None:
+    """Embed every image under `root` and write the embedding rows (no timings) as Parquet under `out`."""
+    from imgsim.sources import filesystem_for
+
+    ensure_ray()
+    ds = embed_images(root, run, concurrency=concurrency, use_gpu=use_gpu)
+    fs, path = filesystem_for(out)
+    ds.drop_columns(["read_s", "decode_s", "encode_s"]).write_parquet(path, filesystem=fs)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("embed"))

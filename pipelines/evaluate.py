@@ -8,14 +8,13 @@ are embedded by the same Ray Data pipeline as the index and query it.
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import numpy as np
 
+from imgsim.config import DEFAULTS
 from imgsim.evaluate import retrieval_metrics
-from imgsim.runs import read_embeddings
+from imgsim.rows import read_embeddings
 from imgsim.search import Searcher
 
 
@@ -26,19 +25,12 @@ class _WithinCluster:
         self.searcher = searcher
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.searcher
-        predicted = s.clusterer.predict(q)
-        dist = np.full((len(q), k), np.inf, np.float32)
-        ids = np.full((len(q), k), -1, np.int64)
-        for c in np.unique(predicted):
-            rows = np.flatnonzero(predicted == c)
-            d, i = s.index.search_subset(q[rows], k, s._members.get(int(c), np.zeros(0, np.int64)))
-            dist[rows, : d.shape[1]], ids[rows, : i.shape[1]] = d, i
+        _, dist, ids = self.searcher.search_embeddings(q, k, within_cluster=True)
         return dist, ids
 
 
 def evaluate_run(
-    run: str, queries: str | None = None, k: int = 10, within_cluster: bool = False
+    run: str, queries: str | None = None, k: int = DEFAULTS.search.k, within_cluster: bool = False
 ) -> dict[str, Any]:
     """precision@1, precision@k, mAP@k, recall@k of RUN's index (see imgsim.evaluate)."""
     searcher = Searcher.load(run)
@@ -60,15 +52,9 @@ def evaluate_run(
     return metrics
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Retrieval quality of RUN's index (see `imgsim eval --help`).")
-    p.add_argument("--model", required=True, metavar="RUN")
-    p.add_argument("--queries", default=None, metavar="QDATA")
-    p.add_argument("-k", type=int, default=10)
-    p.add_argument("--within-cluster", action="store_true")
-    a = p.parse_args()
-    print(json.dumps(evaluate_run(a.model, a.queries, a.k, a.within_cluster)))
-
-
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("eval"))

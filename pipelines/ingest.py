@@ -2,19 +2,16 @@
 
     list (driver, metadata only) → `ray.data.from_blocks` (path, label) → `map_batches(read + decode)`
 
-Rows: `path` (as listed: absolute local path or `s3://` URI), `label` (first sub-folder, or None),
-`image` (uint8 C×S×S from `imgsim.decode.decode_image`), `error` (None, or why the input was
-skipped — its image is then all zeros and must not be used), plus `read_s` / `decode_s` (each
-row's share of its batch's time in those stages, for stage timing). Every listed input appears
-exactly once; a file that is bad, unreadable or gone by the time it is read becomes an error row,
-never a failed job. The driver holds only the listing, never image bytes or pixels.
+Rows: the ingest rows of `imgsim.rows` (path, label, image, error, content_hash, width, height,
+read_s, decode_s). Every listed input appears exactly once; a file that is bad, unreadable or gone
+by the time it is read becomes an error row, never a failed job. The driver holds only the
+listing, never image bytes or pixels.
 
-    ray job submit --working-dir . -- python -m pipelines.ingest DATA --image-size 32
+    ray job submit --working-dir . -- python -m pipelines.ingest DATA --image-size 32   # = imgsim ingest
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -22,6 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +27,8 @@ import ray
 from ray.data.extensions import ArrowTensorArray
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
-from imgsim.decode import greyscale_bytes, try_decode
-from imgsim.errors import ImgsimError
+from imgsim.decode import DecodeError, decode_image_and_size, greyscale_bytes
+from imgsim.rows import content_hash, error_reason, text_array
 from imgsim.sources import (
     FileTooLarge,
     ImageRef,
@@ -49,22 +47,6 @@ MAX_READ_BATCH = 2048
 MAX_INPUT_BLOCKS = 2000
 #: Parallel reads inside one task for S3 (latency-bound); local files are read one by one.
 S3_READ_THREADS = 8
-
-#: Kept for callers that compare against it; `error` is None for a good image.
-NO_ERROR = None
-
-
-def as_text(value: object) -> str | None:
-    """A text cell (`error` or `label`) as a string, or None for None / "" / NaN."""
-    return value if isinstance(value, str) and value != "" else None
-
-
-error_reason = as_text  # the skip reason in an `error` cell, or None when the image is fine
-
-
-def ok_mask(errors: Sequence[object] | np.ndarray) -> np.ndarray:
-    """Boolean mask of the rows whose image decoded."""
-    return np.array([error_reason(e) is None for e in errors], dtype=bool)
 
 
 def _read_one(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
@@ -111,22 +93,37 @@ def _table(
     labels: Sequence[object],
     images: np.ndarray,
     errors: Sequence[str | None],
+    hashes: Sequence[str | None],
+    sizes: np.ndarray,
     read_s: float,
     decode_s: float,
 ) -> pa.Table:
-    # An Arrow table with explicit types: a batch whose labels or errors are all None stays a
-    # string column of nulls (as a numpy dict it would become a float column of NaN).
+    """Ingest rows as an Arrow table with explicit types (see `imgsim.rows`)."""
     n = len(paths)
     return pa.table(
         {
             "path": pa.array([str(p) for p in paths], pa.string()),
-            "label": pa.array([as_text(v) for v in labels], pa.string()),
+            "label": text_array(labels),
             "image": ArrowTensorArray.from_numpy(images),
-            "error": pa.array(list(errors), pa.string()),
+            "error": text_array(errors),
+            "content_hash": text_array(hashes),
+            "width": pa.array(sizes[:, 0], pa.int32()),
+            "height": pa.array(sizes[:, 1], pa.int32()),
             "read_s": pa.array(np.full(n, read_s / max(n, 1)), pa.float64()),
             "decode_s": pa.array(np.full(n, decode_s / max(n, 1)), pa.float64()),
         }
     )
+
+
+def _decode(data: bytes, image_size: int, channels: int, max_bytes: int) -> tuple[Any, Any, str | None]:
+    """(array, (width, height), None), or (None, (0, 0), reason) for an input that cannot be used."""
+    try:
+        arr, size = decode_image_and_size(data, image_size, channels, max_bytes=max_bytes)
+        return arr, size, None
+    except DecodeError as e:
+        return None, (0, 0), e.reason
+    except Exception as e:  # a decoder bug must cost one image, not the job
+        return None, (0, 0), f"could not decode ({type(e).__name__}: {e})"
 
 
 def read_and_decode(
@@ -142,7 +139,9 @@ def read_and_decode(
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, channels, image_size, image_size), dtype=np.uint8)
+    sizes = np.zeros((n, 2), dtype=np.int32)
     errors: list[str | None] = [None] * n
+    hashes: list[str | None] = [None] * n
     threads = S3_READ_THREADS if any(is_s3(p) for p in paths) else 1
     read_s = decode_s = 0.0
     t0 = time.perf_counter()
@@ -152,10 +151,8 @@ def read_and_decode(
         if data is None:
             errors[i] = reason
         else:
-            try:
-                arr, errors[i] = try_decode(data, image_size, channels, max_bytes=max_file_bytes)
-            except Exception as e:  # a decoder bug must cost one image, not the job
-                arr, errors[i] = None, f"could not decode ({type(e).__name__}: {e})"
+            hashes[i] = content_hash(data)
+            arr, sizes[i], errors[i] = _decode(data, image_size, channels, max_file_bytes)
             if arr is not None:
                 images[i] = arr
         del data
@@ -164,9 +161,9 @@ def read_and_decode(
     labels = list(batch["label"])
     if not keep_errors:  # dropped here, in the same task: re-batching tensor columns is costly
         keep = [i for i in range(n) if errors[i] is None]
-        paths, labels, errors = [paths[i] for i in keep], [labels[i] for i in keep], [None] * len(keep)
-        images = images[keep]
-    return _table(paths, labels, images, errors, read_s, decode_s)
+        paths, labels, hashes = [paths[i] for i in keep], [labels[i] for i in keep], [hashes[i] for i in keep]
+        errors, images, sizes = [None] * len(keep), images[keep], sizes[keep]
+    return _table(paths, labels, images, errors, hashes, sizes, read_s, decode_s)
 
 
 def refs_dataset(refs: Sequence[ImageRef], batch_size: int = READ_BATCH) -> ray.data.Dataset:
@@ -184,7 +181,8 @@ def refs_dataset(refs: Sequence[ImageRef], batch_size: int = READ_BATCH) -> ray.
     if not blocks:
         blocks = [pa.table({"path": pa.array([], pa.string()), "label": pa.array([], pa.string())})]
     # from_blocks keeps the blocks as they are and computes their metadata here; from_arrow sends
-    # them to a task for it, a ray.get that cost 1.2 s before anything ran on a fresh cluster.
+    # them to a task for it, a ray.get that cost over a second before anything ran on a fresh
+    # cluster (docs/scaling.md, "Figures behind decisions").
     return ray.data.from_blocks(blocks)
 
 
@@ -192,9 +190,8 @@ def read_batch_size(n_images: int) -> int:
     """Images per decode task: about 4 tasks per CPU in the cluster, within [READ_BATCH, MAX_READ_BATCH].
 
     Every task costs Ray a fixed overhead, which matters because a draft-mode JPEG decode takes
-    well under a millisecond: on 2 cores, 12,000 512x512 JPEGs decoded at 2,200 img/s in tasks of
-    256 and 3,400 img/s in tasks of 2,048 (a plain single-process loop: 2,600 img/s). Four tasks
-    per CPU keep every core busy to the end.
+    well under a millisecond, so larger tasks were much faster (docs/scaling.md, "Figures behind
+    decisions"). Four tasks per CPU keep every core busy to the end.
     """
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
     return int(min(MAX_READ_BATCH, max(READ_BATCH, n_images // (4 * max(cpus, 1)))))
@@ -222,8 +219,8 @@ def read_images(
     batch_size = batch_size or read_batch_size(len(refs))
     ds = refs_dataset(refs, batch_size)
     # Ray Data reserves part of the cluster for each operator by default; with one decode operator
-    # that left a core idle for the first second and between tasks. Off: 12,000 JPEGs on 2 cores
-    # decoded at 4,500 img/s instead of 3,300 (bench/ingest.py).
+    # that left a core idle for the first second and between tasks (bench/ingest.py; docs/scaling.md,
+    # "Figures behind decisions").
     ds.context.op_resource_reservation_enabled = False
     return ds.map_batches(
         read_and_decode,
@@ -277,63 +274,43 @@ def summarise(ds: ray.data.Dataset) -> tuple[int, list[tuple[str, str]]]:
     return good, skipped
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.ingest DATA`: decode everything once and report what would be skipped."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.ingest",
-        description="Decode every image under DATA (a folder or s3://bucket/prefix) and report what is skipped.",
-    )
-    parser.add_argument("data", metavar="DATA")
-    parser.add_argument("--image-size", type=int, default=DEFAULTS.preprocess.image_size)
-    parser.add_argument("--channels", choices=["auto", "1", "3"], default="auto")
-    parser.add_argument("--concurrency", type=int, default=None, help="most decode tasks at once")
-    parser.add_argument("--skipped", metavar="FILE", help="also write the skipped inputs as JSON lines")
-    parser.add_argument("--show", type=int, default=20, help="skipped inputs to print (default 20)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
-    args = parser.parse_args(argv)
-    try:
-        refs = list_images(args.data)
-        channels = detect_channels(refs) if args.channels == "auto" else int(args.channels)
-        started = time.perf_counter()
-        ds = read_images(args.data, args.image_size, channels, refs=refs, concurrency=args.concurrency)
-        good, skipped = summarise(ds)
-    except ImgsimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    took = time.perf_counter() - started
-    if args.skipped:
-        from imgsim.runs import atomic_write_bytes
+def check_images(
+    data: str,
+    image_size: int = DEFAULTS.preprocess.image_size,
+    channels: int | None = None,
+    *,
+    concurrency: int | None = None,
+    skipped_out: str | None = None,
+) -> dict[str, Any]:
+    """Decode everything under `data` once, as indexing would; report what is usable and what is
+    skipped (`skipped_inputs`: sorted (path, reason) pairs; also written to `skipped_out` as JSON lines)."""
+    from imgsim.atomic import atomic_write_bytes
+    from pipelines.runtime import ensure_ray
 
+    refs = list_images(data)
+    channels = channels or detect_channels(refs)
+    ensure_ray()
+    started = time.perf_counter()
+    ds = read_images(data, image_size, channels, refs=refs, concurrency=concurrency)
+    good, skipped = summarise(ds)
+    took = time.perf_counter() - started
+    if skipped_out:
         lines = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped)
-        atomic_write_bytes(args.skipped, lines.encode())
-    kinds = Counter(reason_kind(r) for _, r in skipped)
-    if args.json:
-        summary = {
-            "data": args.data,
-            "files": len(refs),
-            "images": good,
-            "skipped": len(skipped),
-            "skipped_by_reason": dict(kinds.most_common()),
-            "image_size": args.image_size,
-            "channels": channels,
-            "seconds": round(took, 2),
-        }
-        print(json.dumps(summary))
-        return 0
-    print(
-        f"{len(refs)} files: {good} images decoded to {channels}x{args.image_size}x{args.image_size}, "
-        f"{len(skipped)} skipped, in {took:.1f} s ({len(refs) / max(took, 1e-9):.0f} files/s)"
-    )
-    for kind, count in kinds.most_common():
-        print(f"  {count:>6}  {kind}")
-    for path, reason in skipped[: args.show]:
-        print(f"  skipped {path}: {reason}")
-    if len(skipped) > args.show:
-        print(
-            f"  … and {len(skipped) - args.show} more" + (f" (all in {args.skipped})" if args.skipped else "")
-        )
-    return 0
+        atomic_write_bytes(skipped_out, lines.encode())
+    return {
+        "data": data,
+        "files": len(refs),
+        "images": good,
+        "skipped": len(skipped),
+        "skipped_by_reason": dict(Counter(reason_kind(r) for _, r in skipped).most_common()),
+        "image_size": image_size,
+        "channels": channels,
+        "seconds": round(took, 2),
+        "skipped_inputs": skipped,
+    }
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("ingest"))

@@ -5,10 +5,10 @@ changes. Otherwise we join `RAY_ADDRESS` (a cluster) or start a local one, with 
 variables in every worker process:
 
 - `OMP_WAIT_POLICY=PASSIVE`: PyTorch's OpenMP threads sleep instead of spinning while they wait.
-  Ray runs raylet, the object store, Ray Data tasks and the train workers on the same cores; with
-  spinning threads a Ray Train worker trained at 425 img/s on 2 cores, with passive ones 486 img/s
-  (2 epochs over the 10K Fashion-MNIST test images, one worker). The variable must be set before the worker
-  process loads libgomp, which is why it goes in the worker's environment rather than in the loop.
+  Ray runs raylet, the object store, Ray Data tasks and the train workers on the same cores, and
+  spinning threads slowed training measurably (docs/scaling.md, "Figures behind decisions"). The
+  variable must be set before the worker process loads libgomp, which is why it goes in the
+  worker's environment rather than in the loop.
 - `RAY_TRAIN_ENABLE_PRINT_PATCH=0`: Ray Train 2.60 copies every `print` in a train worker to its
   logger *and* to the worker's stderr, so each progress line reached the driver twice.
 
@@ -18,9 +18,8 @@ How the environment reaches the workers depends on who starts Ray. Joining a run
 goes in the job's runtime environment. Starting a local Ray, it goes in this process's environment,
 which the local raylet and every worker inherit: a job runtime environment there would make Ray
 discard the workers it prestarts at `ray.init` (they were started without it) and start new ones
-for the first tasks and actors: an embedding job's first batch came after 7.3 / 6.2 s that way and
-after 5.0 / 4.7 s inheriting, on 2 cores (`python -m bench.embed --rounds 1 --worker-env
-runtime-env` vs `inherit`, alternated twice).
+for the first tasks and actors, which delayed an embedding job's first batch by seconds
+(docs/scaling.md, "Figures behind decisions").
 """
 
 from __future__ import annotations

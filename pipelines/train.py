@@ -10,13 +10,13 @@ restarted from the last checkpoint (`FailureConfig`), and `--resume` continues a
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,18 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from imgsim import model as model_lib
+from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError
 from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss
 from imgsim.plots import plot_loss
 from imgsim.progress import log
-from imgsim.runs import RunPaths, atomic_write_json
-from imgsim.sources import list_images
+from imgsim.runs import RunPaths
+from imgsim.sources import ImageRef, list_images
 from pipelines.ingest import detect_channels, read_images
 from pipelines.runtime import ensure_ray
 
-CHECKPOINT_FILE = "checkpoint.pt"
-STATE_FILE = "train-state.json"  # in RUN/checkpoints: the Ray Train run name to resume, the config
+CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint directory
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -84,9 +84,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_worker_batch = max(1, config["batch_size"] // world)
 
     for epoch in range(start_epoch, config["epochs"]):
-        if config.get("fail_at_epoch") == epoch and not os.path.exists(config["fail_marker"]):
-            Path(config["fail_marker"]).touch()  # test hook: fail once, then succeed after restart
-            raise RuntimeError(f"injected failure at epoch {epoch}")
         model.train()
         started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
         for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
@@ -202,16 +199,165 @@ def _fit_embedding_mean(
 # -- driver ----------------------------------------------------------------------------------------
 
 
-def _resolve_run_name(paths: RunPaths, resume: bool) -> tuple[str, dict[str, Any] | None]:
-    """Ray Train restores a run's latest checkpoint when the same name is reused: reuse it to resume."""
-    state_path = paths.checkpoints_dir / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            log(f"[train] nothing to resume in {paths.root}; starting a new run")
-        else:
-            state = json.loads(state_path.read_text())
-            return state["run_name"], state
-    return f"train-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16**4):04x}", None
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a training run will do: its Ray Train name, architecture and length."""
+
+    run_name: str
+    model: ModelConfig
+    epochs: int
+    batch_size: int
+    repeats: int  # passes over the data per epoch (a small data set is repeated)
+    steps_per_epoch: int
+    resumed: bool
+
+    def state(self, data: str) -> dict[str, Any]:
+        """What RUN/checkpoints/train-state.json records, for --resume."""
+        return {
+            "run_name": self.run_name,
+            "model": self.model.to_dict(),
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "repeats": self.repeats,
+            "data": data,
+        }
+
+
+def _new_run_name() -> str:
+    return f"train-{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16**4):04x}"
+
+
+def _previous_state(paths: RunPaths, resume: bool) -> dict[str, Any] | None:
+    """The state of the run to resume (Ray Train restores a run's latest checkpoint when its name
+    is reused), or None for a new run."""
+    if not resume:
+        return None
+    if not paths.train_state.is_file():
+        log(f"[train] nothing to resume in {paths.root}; starting a new run")
+        return None
+    return json.loads(paths.train_state.read_text())
+
+
+def plan_training(
+    paths: RunPaths,
+    refs: list[ImageRef],
+    *,
+    resume: bool,
+    epochs: int | None,
+    min_steps: int,
+    image_size: int,
+    channels: int | None,
+    dim: int,
+    batch_size: int,
+) -> TrainPlan:
+    """Architecture and length: a resumed run keeps its own; a new one gets them from the arguments.
+
+    `epochs` None means the default length: DEFAULTS.train.epochs, and a small data set repeated
+    within each epoch so that the run makes at least `min_steps` optimiser steps (8 passes over
+    2,000 images are 60 steps, far too few to learn anything). An explicit `epochs` always means
+    exactly that many passes.
+    """
+    previous = _previous_state(paths, resume)
+    if previous:  # a resumed run keeps its architecture and its learning-rate schedule
+        if epochs not in (None, previous["epochs"]):
+            log(f"[train] resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
+        model = ModelConfig.from_dict(previous["model"])
+        epochs, batch_size = previous["epochs"], previous.get("batch_size", batch_size)
+    else:
+        model = ModelConfig(image_size=image_size, channels=channels or detect_channels(refs), dim=dim)
+    batch_size = min(batch_size, max(2, len(refs)))
+    steps_per_pass = max(1, len(refs) // batch_size)
+    if previous:
+        repeats = previous.get("repeats", 1)
+    elif epochs is None:
+        epochs = DEFAULTS.train.epochs
+        repeats = max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
+    else:
+        repeats = 1
+    return TrainPlan(
+        run_name=previous["run_name"] if previous else _new_run_name(),
+        model=model,
+        epochs=epochs,
+        batch_size=batch_size,
+        repeats=repeats,
+        steps_per_epoch=steps_per_pass * repeats,
+        resumed=previous is not None,
+    )
+
+
+def training_dataset(data: str, refs: list[ImageRef], model: ModelConfig) -> ray.data.Dataset:
+    """The decoded training images as a Ray Data dataset (decoded once when they fit in memory)."""
+    ds = read_images(data, model.image_size, model.channels, refs=refs, keep_errors=False)
+    ds = ds.select_columns(["image"])
+    est_bytes = len(refs) * model.channels * model.image_size**2
+    if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
+        ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
+    # Rows are already in random order (refs were shuffled); each epoch also visits blocks in a new
+    # order. Cheaper than a per-row shuffle buffer, which halved throughput on 2 cores.
+    ds = ds.randomize_block_order()
+    # The loop prints its own progress; Ray Data's per-epoch bars from the split coordinator would
+    # print three more bars every epoch.
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def make_trainer(
+    plan: TrainPlan,
+    ds: ray.data.Dataset,
+    paths: RunPaths,
+    *,
+    lr: float,
+    nce_weight: float,
+    seed: int,
+    workers: int,
+    use_gpu: bool,
+    max_failures: int,
+    threads_per_worker: int | None,
+) -> TorchTrainer:
+    """The TorchTrainer: `train_loop_per_worker` on `workers` workers, checkpoints under RUN."""
+    config = {
+        "model": plan.model.to_dict(),
+        "epochs": plan.epochs,
+        "batch_size": plan.batch_size,
+        "lr": lr,
+        "nce_weight": nce_weight,
+        "seed": seed,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "threads_per_worker": threads_per_worker,
+        "log_every": max(1, plan.steps_per_epoch // 4),
+        "mean_batches": max(1, 20_000 // max(1, plan.batch_size // workers)),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=str(paths.checkpoints_dir),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": ds},
+    )
+
+
+def export_model(result: Any, paths: RunPaths, data: str, workers: int) -> tuple[AutoEncoder, dict[str, Any]]:
+    """Save the final checkpoint's model as RUN/model (loadable without Ray) and plot its loss."""
+    if result.error:
+        raise ImgsimError(f"training failed: {result.error}")
+    if result.checkpoint is None:
+        raise ImgsimError("training produced no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    model = AutoEncoder(ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    model_lib.save(model, paths.root, extra={"history": state["history"], "data": data, "workers": workers})
+    plot_loss([h["loss"] for h in state["history"]], paths.loss_plot)
+    return model, state
 
 
 def train(
@@ -232,125 +378,52 @@ def train(
     seed: int = DEFAULTS.train.seed,
     max_failures: int = 3,
     threads_per_worker: int | None = None,
-    _fail_at_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Train on every image under `data`; save the model under `out`; return a summary.
 
-    `epochs`: passes over the data; None = the default length (DEFAULTS.train.epochs, with small
-    data sets repeated so that the run makes at least `min_steps` steps).
+    `epochs`: passes over the data; None = the default length (see `plan_training`).
     """
     paths = RunPaths(Path(out).resolve())
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    run_name, previous = _resolve_run_name(paths, resume)
     refs = list_images(data)
     random.Random(seed).shuffle(refs)  # listing is sorted by class folder; batches must mix classes
-    if previous:  # a resumed run keeps its architecture and its learning-rate schedule
-        model_cfg = ModelConfig.from_dict(previous["model"])
-        if epochs not in (None, previous["epochs"]):
-            log(f"[train] resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
-        epochs, batch_size = previous["epochs"], previous.get("batch_size", batch_size)
-    else:
-        channels = channels or detect_channels(refs)
-        model_cfg = ModelConfig(image_size=image_size, channels=channels, dim=dim)
-    if len(refs) < batch_size:
-        batch_size = max(2, len(refs))
-    steps_per_pass = max(1, len(refs) // batch_size)
-    # A default-length run makes at least `min_steps` optimiser steps: 8 passes over 2,000 images
-    # are 60 steps, far too few to learn anything. Each epoch then repeats the data `repeats`
-    # times; an explicit --epochs always means exactly that many passes.
-    repeats = 1
-    if previous:  # (epochs came from it above)
-        repeats = previous.get("repeats", 1)
-    elif epochs is None:
-        epochs = DEFAULTS.train.epochs
-        repeats = max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
-    steps_per_epoch = steps_per_pass * repeats
+    plan = plan_training(
+        paths,
+        refs,
+        resume=resume,
+        epochs=epochs,
+        min_steps=min_steps,
+        image_size=image_size,
+        channels=channels,
+        dim=dim,
+        batch_size=batch_size,
+    )
     ensure_ray()
-
-    log(f"[train] {len(refs)} images, {model_lib.describe(AutoEncoder(model_cfg))}")
-    if repeats > 1:
-        log(
-            f"[train] a small data set: each epoch passes over it {repeats} times "
-            f"(at least {min_steps} steps in all; --epochs E sets exactly E passes)"
-        )
-    log(
-        f"[train] {epochs} epochs x {steps_per_epoch} steps, batch {batch_size}, {workers} worker(s), "
-        f"{'GPU' if use_gpu else 'CPU'}; checkpoints in {paths.checkpoints_dir / run_name}"
-    )
-    atomic_write_json(
-        paths.checkpoints_dir / STATE_FILE,
-        {
-            "run_name": run_name,
-            "model": model_cfg.to_dict(),
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "repeats": repeats,
-            "data": data,
-        },
-    )
-
-    ds = read_images(data, model_cfg.image_size, model_cfg.channels, refs=refs, keep_errors=False)
-    ds = ds.select_columns(["image"])
-    est_bytes = len(refs) * model_cfg.channels * model_cfg.image_size**2
-    if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
-        ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
-    # Rows are already in random order (refs were shuffled); each epoch also visits blocks in a new
-    # order. Cheaper than a per-row shuffle buffer, which halved throughput on 2 cores.
-    ds = ds.randomize_block_order()
-    # The loop prints its own progress; Ray Data's per-epoch bars from the split coordinator would
-    # print three more bars every epoch.
-    ds.context.enable_progress_bars = False
-
-    config = {
-        "model": model_cfg.to_dict(),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "nce_weight": nce_weight,
-        "seed": seed,
-        "steps_per_epoch": steps_per_epoch,
-        "threads_per_worker": threads_per_worker,
-        "log_every": max(1, steps_per_epoch // 4),
-        "mean_batches": max(1, 20_000 // max(1, batch_size // workers)),
-        "fail_at_epoch": _fail_at_epoch,
-        "fail_marker": str(paths.checkpoints_dir / ".injected-failure"),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=str(paths.checkpoints_dir),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ds},
+    _log_plan(plan, len(refs), min_steps, workers, use_gpu, paths)
+    atomic_write_json(paths.train_state, plan.state(data))
+    trainer = make_trainer(
+        plan,
+        training_dataset(data, refs, plan.model),
+        paths,
+        lr=lr,
+        nce_weight=nce_weight,
+        seed=seed,
+        workers=workers,
+        use_gpu=use_gpu,
+        max_failures=max_failures,
+        threads_per_worker=threads_per_worker,
     )
     started = time.perf_counter()
     result = trainer.fit()
-    if result.error:
-        raise ImgsimError(f"training failed: {result.error}")
-    if result.checkpoint is None:
-        raise ImgsimError("training produced no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    model = AutoEncoder(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    model, state = export_model(result, paths, data, workers)
     history = state["history"]
-    model_lib.save(model, paths.root, extra={"history": history, "data": data, "workers": workers})
-    plot_loss([h["loss"] for h in history], paths.plots_dir / "loss.png")
     return {
         "epochs": state["epoch"],
         "images": len(refs),
         "final_loss": history[-1]["loss"],
         "history": history,
         "model_dir": str(paths.model_dir),
-        "loss_plot": str(paths.plots_dir / "loss.png"),
+        "loss_plot": str(paths.loss_plot),
         "checkpoint": result.checkpoint.path,
         "seconds": round(time.perf_counter() - started, 1),
         "channels": model.config.channels,
@@ -358,42 +431,25 @@ def train(
     }
 
 
-def main() -> None:
-    d = DEFAULTS
-    p = argparse.ArgumentParser(
-        description="Train the imgsim autoencoder with Ray Train (see `imgsim train --help`)."
+def _log_plan(
+    plan: TrainPlan, images: int, min_steps: int, workers: int, use_gpu: bool, paths: RunPaths
+) -> None:
+    log(f"[train] {images} images, {model_lib.describe(AutoEncoder(plan.model))}")
+    if plan.repeats > 1 and not plan.resumed:
+        log(
+            f"[train] a small data set: each epoch passes over it {plan.repeats} times "
+            f"(at least {min_steps} steps in all; --epochs E sets exactly E passes)"
+        )
+    log(
+        f"[train] {plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {plan.batch_size}, "
+        f"{workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in "
+        f"{paths.checkpoints_dir / plan.run_name}"
     )
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--out", required=True, metavar="RUN")
-    p.add_argument(
-        "--epochs", type=int, default=None, help=f"default {d.train.epochs} (see imgsim train --help)"
-    )
-    p.add_argument("--image-size", type=int, default=d.preprocess.image_size)
-    p.add_argument("--channels", type=int, choices=[1, 3], default=None)
-    p.add_argument("--dim", type=int, default=d.train.dim)
-    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
-    p.add_argument("--lr", type=float, default=d.train.lr)
-    p.add_argument("--workers", type=int, default=d.train.workers)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--contrastive", type=float, default=d.train.nce_weight, metavar="W")
-    a = p.parse_args()
-    summary = train(
-        a.data,
-        a.out,
-        epochs=a.epochs,
-        image_size=a.image_size,
-        channels=a.channels,
-        dim=a.dim,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        workers=a.workers,
-        use_gpu=a.gpu,
-        resume=a.resume,
-        nce_weight=a.contrastive,
-    )
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from imgsim.cli import main_for
+
+    sys.exit(main_for("train"))

@@ -18,7 +18,6 @@ Entry points: `build_app(run, ...)` (Python), `app_builder(args)` (`serve run se
 # No `from __future__ import annotations` here: FastAPI must see real annotation objects on the
 # route methods, and Serve's class-based ingress rewrites their signatures.
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -49,7 +48,6 @@ logger = logging.getLogger("ray.serve")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 APP_NAME = "imgsim"
 DEPLOYMENT_NAME = "ImgsimSearch"
-DEFAULT_K = 10
 API_KEY_ENV = "IMGSIM_API_KEY"
 RUN_ENV = "IMGSIM_RUN"
 METRICS_PORT_ENV = "IMGSIM_METRICS_PORT"  # Prometheus port of the local Ray instance `run` starts
@@ -63,7 +61,6 @@ INLINE_DECODE_BYTES = 64 * 1024  # bodies up to this size are decoded on the eve
 
 _INT_TEXT = re.compile(r"\s*[+-]?[0-9]{1,9}\s*")
 _IMAGE_ID = re.compile(r"[0-9]{1,12}")
-_BYTES_PREFIX = re.compile(r"^<\d+ bytes>: ")  # how Searcher.to_image names a bytes query
 
 
 class ApiError(Exception):
@@ -80,7 +77,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def parse_k(value: object, max_k: int, default: int = DEFAULT_K) -> int:
+def parse_k(value: object, max_k: int, default: int = DEFAULTS.search.k) -> int:
     """Validate the number of results asked for: a whole number in 1..max_k, else `ApiError(400)`."""
     if value is None:
         return min(default, max_k)
@@ -230,15 +227,13 @@ class ImgsimSearch:
     ) -> None:
         import torch
 
+        from imgsim.index import set_threads
         from imgsim.search import Searcher
 
         # Intra-op threads for the model and the KNN search: one per reserved CPU. More only
         # oversubscribes the cores (OpenMP threads spin while they wait).
         torch.set_num_threads(max(1, torch_threads))
-        with contextlib.suppress(ImportError):
-            import faiss
-
-            faiss.omp_set_num_threads(max(1, torch_threads))
+        set_threads(max(1, torch_threads))
         self.searcher = Searcher.load(run, device="cpu", allow_private_urls=allow_private_urls)
         self.size = len(self.searcher)
         self.allow_private_urls = allow_private_urls
@@ -342,8 +337,7 @@ class ImgsimSearch:
         try:
             return self.searcher.to_image(data)
         except (BadQuery, DecodeError) as e:
-            reason = getattr(e, "reason", None) or _BYTES_PREFIX.sub("", str(e))
-            raise ApiError(400, f"could not read {query} as an image: {reason}") from None
+            raise ApiError(400, f"could not read {query} as an image: {e.reason}") from None
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def _search_batch(self, queries: list[tuple[np.ndarray, int]]) -> list[dict[str, Any]]:

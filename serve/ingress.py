@@ -1,10 +1,9 @@
 """Which HTTP ingress Ray Serve uses: its Python HTTP proxy, or HAProxy in front of the replicas.
 
 Ray Serve 2.60 can put HAProxy (C) in front of the ingress replicas, which then serve HTTP
-themselves (`RAY_SERVE_ENABLE_HA_PROXY=1`, "direct ingress"). On 2 cores, with a 100K-image index
-and 8 clients (`python -m bench.serve`, 30 s), that took upload search from 151 to 404 QPS and p50
-from 52.6 to 18.9 ms: Serve's own proxy cost 4 ms of CPU per request, and each request made an
-actor call back to it.
+themselves (`RAY_SERVE_ENABLE_HA_PROXY=1`, "direct ingress"). Serve's own Python proxy costs CPU
+per request and an actor call back to it for every request, so HAProxy serves several times the
+queries per second (`python -m bench.serve`; docs/serving.md and docs/scaling.md have the figures).
 
 Ray reads these settings from the environment of its processes when they start, so they must be
 in place before `ray.init` starts a local cluster (and before `ray.serve` is imported here); a

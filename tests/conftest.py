@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,12 +92,7 @@ def make_pattern_image(kind: int, seed: int, size: int = 32, mode: str = "L") ->
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """A labelled folder: 4 classes x 6 PNGs under tmp/<class>/, plus one unlabelled top-level image."""
-    root = tmp_path / "images"
-    names = ["stripes-v", "stripes-h", "blob", "checks"]
-    for kind, name in enumerate(names):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            make_pattern_image(kind, seed=kind * 100 + i).save(root / name / f"{i:02d}.png")
+    root = write_pattern_folder(tmp_path / "images", per_class=6)
     make_pattern_image(2, seed=999).save(root / "top.png")
     return root
 
@@ -120,17 +118,6 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
-
-
-def upload_folder(endpoint: str, folder: Path, bucket: str, prefix: str) -> None:
-    """Create `bucket` and upload every file under `folder` to s3://bucket/prefix/<relative path>."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
 
 
 def write_pattern_folder(root: Path, per_class: int = 8) -> Path:
@@ -183,3 +170,184 @@ def upload_tree(bucket: str, folder: Path, prefix: str) -> list[str]:
             s3.upload_file(str(path), bucket, key)
             uris.append(f"s3://{bucket}/{key}")
     return uris
+
+
+class RayHead:
+    """A real `ray start --head --block` cluster in its own process tree, temp dir and ports, with
+    token authentication on (as Ray 2.60 does for a head that has a token). Stopped by killing its
+    process tree by PID, so nothing else on the machine (`ray stop` would) is touched.
+
+    `env` is what a client of this cluster needs: the venv first on PATH, the token's HOME,
+    RAY_AUTH_MODE=token, RAY_ADDRESS (the dashboard).
+    """
+
+    def __init__(self, base: Path, num_cpus: int = 4) -> None:
+        import subprocess
+        import sys
+
+        self.base = base
+        self.home = base / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.temp_dir = Path(tempfile_short("imgsim-head-"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "HOME": str(self.home),
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_ADDRESS": f"http://127.0.0.1:{self.dashboard_port}",
+            "TQDM_DISABLE": "1",
+        }
+        ray_cli = str(Path(venv_bin) / "ray")
+        subprocess.run(
+            [ray_cli, "get-auth-token", "--generate"],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.log = open(base / "ray-start.log", "wb")  # noqa: SIM115 (closed in stop())
+        start_env = {k: v for k, v in self.env.items() if k != "RAY_ADDRESS"}
+        self.process = subprocess.Popen(
+            [
+                ray_cli, "start", "--head", "--block", "--disable-usage-stats",
+                f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true",
+            ],
+            env=start_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def address(self) -> str:
+        return self.env["RAY_ADDRESS"]
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {(self.home / '.ray' / 'auth_token').read_text().strip()}"}
+
+    def job_status(self, submission_id: str) -> str:
+        """A job's status from the job server's REST API ("SUCCEEDED", "FAILED", ...)."""
+        import requests
+
+        r = requests.get(f"{self.address}/api/jobs/{submission_id}", headers=self._auth(), timeout=30)
+        r.raise_for_status()
+        return str(r.json()["status"])
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        """Wait until the cluster runs a job (a trivial one, submitted with the token): the job
+        server answers before the node's agent can take jobs ("No available agent")."""
+        import requests
+
+        auth = self._auth()
+        deadline = time.monotonic() + timeout_s
+        job = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(self.base / 'ray-start.log').read_text()[-2000:]}")
+            try:
+                if job is None:
+                    r = requests.post(
+                        f"{self.address}/api/jobs/", json={"entrypoint": "true"}, headers=auth, timeout=10
+                    )
+                    job = r.json()["submission_id"] if r.status_code == 200 else None
+                else:
+                    status = requests.get(f"{self.address}/api/jobs/{job}", headers=auth, timeout=10).json()[
+                        "status"
+                    ]
+                    if status == "SUCCEEDED":
+                        return
+                    if status in ("FAILED", "STOPPED"):
+                        job = None
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"the Ray head at {self.address} did not run a job in {timeout_s} s")
+
+    def pids(self) -> list[int]:
+        """Every process of this cluster: `ray start` and its descendants (raylet, GCS, workers, jobs)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = []
+        for pid in self.pids():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.append(psutil.Process(pid))
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=30)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def tempfile_short(prefix: str) -> str:
+    """A new directory with a short path under /tmp (Ray's socket paths must stay short)."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Iterator[RayHead]:
+    """A `ray start --head` cluster with token authentication (see RayHead)."""
+    head = RayHead(tmp_path / "cluster")
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+
+
+def descendants(pid: int | None = None) -> list[Any]:
+    """psutil.Process objects of every process started, directly or not, by `pid` (default: this one)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid or os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def ray_processes(name: str, pid: int | None = None) -> list[Any]:
+    """Ray worker processes below `pid` whose title names `name` (Ray sets it to "ray::<Actor>...")."""
+    import psutil
+
+    found = []
+    for p in descendants(pid):
+        with contextlib.suppress(psutil.Error):
+            if any(part.startswith(f"ray::{name}") for part in p.cmdline()[:1]):
+                found.append(p)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` first (the fault), then everything it had started (clean-up)."""
+    import psutil
+
+    rest = descendants(pid)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).kill()
+    for p in rest:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(rest, timeout=30)
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
+    """Poll `condition()` until it returns something truthy; that value, or TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} did not happen in {timeout_s} s")

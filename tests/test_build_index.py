@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pattern_image
+from conftest import kill_tree, make_pattern_image, wait_for
+from PIL import Image
 
 from imgsim import model as model_lib
 from imgsim.cli import main
-from imgsim.runs import read_embeddings
-from pipelines.build_index import build_index
+from imgsim.rows import read_embeddings
+from pipelines.build_index import STAGING_ROWS, build_index
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -83,25 +86,54 @@ def test_a_different_model_means_a_full_re_embed(run_copy: tuple[Path, Path]) ->
     assert summary["embedded"] == 32 and summary["reused"] == 0
 
 
-def test_an_interrupted_run_resumes_without_redoing_finished_parts(
-    run_copy: tuple[Path, Path], monkeypatch
-) -> None:
-    data, run = run_copy
-    import pipelines.build_index as bi
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[Path]]:
+    """(folder, good images, bad files): three staging parts' worth of small PNGs and 3 bad files."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    good = 3 * STAGING_ROWS
+    for i in range(good):
+        folder = root / f"c{i % 4}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    bad = [root / "c0" / "broken.png", root / "c1" / "empty.jpg", root / "c2" / "text.png"]
+    bad[0].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    bad[1].write_bytes(b"")
+    bad[2].write_text("not an image")
+    return root, good, bad
 
-    monkeypatch.setattr(bi, "STAGING_ROWS", 8)
+
+def test_a_killed_index_run_resumes_from_what_it_staged(
+    tiny_run: tuple[Path, Path], many_images: tuple[Path, int, list[Path]], tmp_path: Path
+) -> None:
+    # `imgsim index` is SIGKILLed once it has staged a part; the old index stays whole, and a
+    # re-run embeds only the rest: every good image exactly once, exactly the bad ones skipped.
+    data, good, bad = many_images
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[1], run)
     old_index = (run / "index" / "knn.faiss").read_bytes()
-    m = model_lib.load(run)  # a new model: every image must be embedded again
-    m.emb_mean.add_(1.0)
-    model_lib.save(m, run)
-    with pytest.raises(RuntimeError, match="injected failure"):
-        build_index(str(data), str(run), _fail_after_parts=2)
-    # the old index is untouched by the failed run
-    assert (run / "index" / "knn.faiss").read_bytes() == old_index
-    staged = list(run.glob(".index-staging-*/part-*.parquet"))
-    assert len(staged) == 2
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "imgsim.cli", "index", str(data), "--model", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: list(run.glob(".index-staging-*/part-*.parquet")), 300, "a staged part")
+    finally:
+        kill_tree(driver.pid)
+    assert driver.wait(timeout=30) != 0
+    assert (run / "index" / "knn.faiss").read_bytes() == old_index  # the old index is untouched
+    staged = sum(pq.read_metadata(p).num_rows for p in run.glob(".index-staging-*/part-*.parquet"))
+    assert 0 < staged < good + len(bad)
     summary = build_index(str(data), str(run))
-    assert summary["resumed"] == 16 and summary["embedded"] == 16
+    assert summary["resumed"] == staged and summary["embedded"] == good + len(bad) - staged
+    table = pq.read_table(run / "index" / "embeddings.parquet", columns=["path"])
+    paths = table["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == good
+    skipped = [
+        json.loads(line)["path"] for line in (run / "index" / "skipped.jsonl").read_text().splitlines()
+    ]
+    assert sorted(skipped) == sorted(str(p) for p in bad)
     assert not list(run.glob(".index-staging-*"))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +148,7 @@ def test_kuberay_manifests_parse_and_agree() -> None:
 def test_rayjob_entrypoint_is_a_valid_build_index_command(monkeypatch: pytest.MonkeyPatch) -> None:
     """Parse the RayJob's entrypoint with the real `python -m pipelines.build_index` argument parser."""
     import pipelines.build_index as job
+    from imgsim.cli import main_for
 
     rayjob = by_kind(kube_docs("rayjob-index.yaml"), "RayJob")
     raycluster = by_kind(kube_docs("raycluster.yaml"), "RayCluster")
@@ -157,8 +157,8 @@ def test_rayjob_entrypoint_is_a_valid_build_index_command(monkeypatch: pytest.Mo
 
     calls: list[tuple[tuple, dict]] = []
     monkeypatch.setattr(job, "build_index", lambda *a, **kw: calls.append((a, kw)) or {})
-    monkeypatch.setattr(sys, "argv", ["pipelines.build_index", *argv[3:]])
-    job.main()
+    monkeypatch.setattr("imgsim.cli._print_json", lambda obj: None)
+    assert main_for("index", [*argv[3:], "--json"]) == 0
     ((data, run), options) = calls[0]
     assert data.startswith("s3://") and run.startswith("/mnt/imgsim/")
     if options["use_gpu"]:

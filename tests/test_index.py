@@ -142,14 +142,6 @@ def test_ivf_on_kmeans_centroids_is_the_within_cluster_search() -> None:
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_search_within_a_subset() -> None:
-    x = clustered(300)
-    index = KnnIndex().fit(x)
-    allowed = np.arange(100, 200)
-    _, ids = index.search_subset(x[:5], 7, allowed)
-    assert ids.shape == (5, 7) and np.isin(ids, allowed).all()
-
-
 def test_save_load_round_trip_and_fingerprint(tmp_path: Path) -> None:
     x = clustered(1000)
     index = KnnIndex(kind="ivf", nprobe=4).fit(x)

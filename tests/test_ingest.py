@@ -12,10 +12,12 @@ from conftest import make_pattern_image, upload_tree
 from PIL import Image
 from test_decode import bomb_png, encode, half_black_half_white
 
+from imgsim.cli import main_for
 from imgsim.config import MAX_FILE_BYTES
 from imgsim.decode import decode_image
+from imgsim.rows import ok_mask
 from imgsim.sources import ImageRef, list_images
-from pipelines.ingest import detect_channels, main, ok_mask, read_images
+from pipelines.ingest import detect_channels, read_images
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -174,17 +176,20 @@ def test_s3_gives_the_same_rows_as_disk(mixed_folder: Path, s3_bucket: str) -> N
 
 def test_command_line_summary(mixed_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     skipped = tmp_path / "skipped.jsonl"
-    assert main([str(mixed_folder), "--image-size", "8", "--skipped", str(skipped), "--show", "2"]) == 0
+    assert (
+        main_for("ingest", [str(mixed_folder), "--image-size", "8", "--skipped", str(skipped), "--show", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{len(GOOD) + len(BAD)} files: {len(GOOD)} images decoded" in out and f"{len(BAD)} skipped" in out
     assert "decompression bomb" in out and "… and 3 more" in out
     records = [json.loads(line) for line in skipped.read_text().splitlines()]
     assert sorted(r["path"] for r in records) == sorted(str(mixed_folder / rel) for rel in BAD)
-    assert main([str(tmp_path / "missing"), "--json"]) == 1
+    assert main_for("ingest", [str(tmp_path / "missing"), "--json"]) == 1
     assert "no such folder" in capsys.readouterr().err
 
 
 def test_command_line_json(image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(image_folder), "--image-size", "8", "--json"]) == 0
+    assert main_for("ingest", [str(image_folder), "--image-size", "8", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 25 and summary["skipped"] == 0 and summary["channels"] == 1

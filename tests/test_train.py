@@ -1,12 +1,16 @@
-"""Ray Train: DDP across 2 workers on CPU, resume from a checkpoint, restart after a worker failure."""
+"""Ray Train: DDP across 2 workers on CPU; resume after the driver is killed; a killed worker restarts."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import kill_tree, ray_processes, wait_for
 
 from imgsim import model as model_lib
 from pipelines.train import train
@@ -33,29 +37,75 @@ def test_two_worker_ddp_reduces_the_loss_and_saves_a_loadable_model(
     assert (run / "plots" / "loss.png").stat().st_size > 1000
 
 
-def test_resume_continues_from_the_saved_epoch(image_folder: Path, tmp_path: Path) -> None:
+def _latest_checkpoint(run: Path) -> dict | None:
+    """The state in the checkpoint Ray Train has registered last (the one a restart resumes from,
+    as its checkpoint_manager_snapshot.json records), or None before the first."""
+    import torch
+
+    for snapshot in run.glob("checkpoints/train-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+            return torch.load(
+                snapshot.parent / latest / "checkpoint.pt", map_location="cpu", weights_only=False
+            )
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # being written or rotated
+            continue
+    return None
+
+
+def test_resume_continues_after_the_driver_is_killed(image_folder: Path, tmp_path: Path) -> None:
+    # `imgsim train` is killed (SIGKILL, as the OOM killer or a lost node would) after an epoch's
+    # checkpoint; `--resume` then continues the same Ray Train run from it.
     run = tmp_path / "run"
-    # a first run that is interrupted after 2 epochs (the failure budget is 0, so it stops)
-    with pytest.raises(Exception, match="injected failure"):
-        train(str(image_folder), str(run), epochs=4, workers=1, max_failures=0, _fail_at_epoch=2, **TINY)
+    argv = ["train", str(image_folder), "--out", str(run), "--epochs", "12", "--workers", "1"]
+    argv += ["--image-size", "16", "--dim", "8", "--batch-size", "8"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "imgsim.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        at_kill = wait_for(lambda: _latest_checkpoint(run), 240, "a first checkpoint")
+    finally:
+        kill_tree(driver.pid)
+    assert driver.wait(timeout=30) != 0
+    assert not (run / "model" / "model.pt").exists()  # it never finished
     state = json.loads((run / "checkpoints" / "train-state.json").read_text())
-    summary = train(str(image_folder), str(run), epochs=4, workers=1, resume=True, **TINY)
-    assert summary["epochs"] == 4
-    # the history carries the first two epochs over; only epochs 3 and 4 ran again
-    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
+    summary = train(str(image_folder), str(run), epochs=12, workers=1, resume=True, **TINY)
+    assert summary["epochs"] == 12
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 13))
+    # the epochs done before the kill were kept, not trained again
+    assert summary["history"][: at_kill["epoch"]] == at_kill["history"]
     assert json.loads((run / "checkpoints" / "train-state.json").read_text())["run_name"] == state["run_name"]
+    model_lib.load(run)
 
 
-def test_a_failed_worker_restarts_from_its_checkpoint_and_the_run_finishes(
+def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(
     image_folder: Path, tmp_path: Path
 ) -> None:
+    # A Ray Train worker process is SIGKILLed mid-run; Ray Train restarts the worker group from the
+    # last checkpoint by itself (FailureConfig) and the run finishes.
     run = tmp_path / "run"
-    summary = train(
-        str(image_folder), str(run), epochs=3, workers=2, threads_per_worker=1, _fail_at_epoch=1, **TINY
-    )
-    assert (run / "checkpoints" / ".injected-failure").exists()  # the failure did happen
-    assert summary["epochs"] == 3
-    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not redone
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["summary"] = train(
+                str(image_folder), str(run), epochs=12, workers=2, threads_per_worker=1, **TINY
+            )
+        except BaseException as e:  # reported by the assertions below
+            outcome["error"] = e
+
+    trainer = threading.Thread(target=fit)
+    trainer.start()
+    at_kill = wait_for(lambda: _latest_checkpoint(run), 240, "a first checkpoint")
+    (victim, *_) = wait_for(lambda: ray_processes("RayTrainWorker"), 60, "a Ray Train worker process")
+    victim.kill()
+    trainer.join(timeout=600)
+    assert not trainer.is_alive() and "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert victim.pid not in {p.pid for p in ray_processes("RayTrainWorker")}
+    assert summary["epochs"] == 12
+    assert [h["epoch"] for h in summary["history"]] == list(range(1, 13))
+    assert summary["history"][: at_kill["epoch"]] == at_kill["history"]  # restarted from a checkpoint
     model_lib.load(run)
 
 
