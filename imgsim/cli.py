@@ -82,6 +82,34 @@ def _k(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("-k", type=positive_int, default=DEFAULTS.search.k, help=what)
 
 
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help; text is wrapped, except lines indented by two spaces (lists), kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out, paragraph = [], []
+        for line in text.splitlines():
+            if line.startswith("  ") or not line.strip():
+                if paragraph:
+                    out.append(super()._fill_text(" ".join(paragraph), width, indent))
+                    paragraph = []
+                out.append(indent + line)
+            else:
+                paragraph.append(line)
+        if paragraph:
+            out.append(super()._fill_text(" ".join(paragraph), width, indent))
+        return "\n".join(out)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
 
@@ -284,12 +312,27 @@ def query_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="search only the query's predicted cluster (the original design; faster, lower recall)",
     )
+    p.add_argument(
+        "--duplicates",
+        action="store_true",
+        help="instead: is the image a duplicate of indexed ones? Every indexed image within the run's "
+        "calibrated threshold (calibrated now if the run has none yet), byte-identical files first",
+    )
+    p.add_argument(
+        "--threshold",
+        type=non_negative_float,
+        default=None,
+        metavar="D",
+        help="with --duplicates: this distance",
+    )
     _json(p)
 
 
 def run_query(args: argparse.Namespace) -> int:
     from imgsim.search import Searcher
 
+    if args.duplicates:
+        return _run_query_duplicates(args)
     searcher = Searcher.load(args.model)
     result = searcher.search(args.image, k=args.k, within_cluster=args.within_cluster)
     if args.plot:
@@ -310,6 +353,106 @@ def run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precision(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--precision",
+        type=probability,
+        default=DEFAULTS.duplicates.precision,
+        metavar="P",
+        help=f"target precision of the {what} distance threshold, calibrated from edited copies",
+    )
+
+
+def _run_query_duplicates(args: argparse.Namespace) -> int:
+    from imgsim.search import Searcher
+
+    if args.plot or args.within_cluster:
+        raise ImgsimError("--duplicates answers with the matches only: drop --plot and --within-cluster")
+    answer = Searcher.load(args.model).duplicates_of(args.image, threshold=args.threshold)
+    if args.json:
+        _print_json(answer)
+        return 0
+    verdict = "a duplicate" if answer["duplicate"] else "not a duplicate"
+    print(
+        f"{answer['query']} is {verdict} of an indexed image "
+        f"(threshold {answer['threshold']:.6g}, {answer['threshold_source']})"
+    )
+    for m in answer["matches"]:
+        kind = "identical bytes" if m["exact"] else "near"
+        print(f"  {m['distance']:>9.4f}  {kind:<15} {m['path']}")
+    return 0
+
+
+def duplicates_arguments(p: argparse.ArgumentParser) -> None:
+    d = DEFAULTS.duplicates
+    _model(p)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument(
+        "--threshold",
+        type=non_negative_float,
+        default=None,
+        metavar="D",
+        help="near-duplicate distance (default: calibrated from edited copies for --precision, stored in RUN)",
+    )
+    how.add_argument(
+        "--precision",
+        type=probability,
+        default=d.precision,
+        metavar="P",
+        help="target precision of the calibrated threshold (imgsim eval --copies measures the same)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", default=None, help="where to write the reports (default RUN/duplicates)"
+    )
+    p.add_argument(
+        "--copies",
+        type=positive_int,
+        default=d.calibration_copies,
+        help="indexed images whose copies calibrate",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="which images the calibration draws")
+    p.add_argument(
+        "--recalibrate", action="store_true", help="calibrate again even if the run has a threshold"
+    )
+    p.add_argument(
+        "--full", action="store_true", help="search every image, not only those new since the last run"
+    )
+    p.add_argument(
+        "--html-groups", type=positive_int, default=d.html_groups, help="groups drawn in duplicates.html"
+    )
+    _json(p, "print the summary as one JSON object")
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    from pipelines.duplicates import duplicates
+
+    summary = duplicates(
+        args.model,
+        threshold=args.threshold,
+        precision=args.precision,
+        out=args.out,
+        full=args.full,
+        recalibrate=args.recalibrate,
+        copies=args.copies,
+        seed=args.seed,
+        html_groups=args.html_groups,
+    )
+    if args.json:
+        _print_json(summary)
+        return 0
+    cal = summary["calibration"]
+    how = summary["threshold_source"]
+    if cal and cal.get("met"):
+        how += f": precision {cal['precision']} at recall {cal['recall']} on {cal['queries']} copies"
+    print(
+        f"{summary['groups']} groups ({summary['exact_groups']} of byte-identical files), "
+        f"{summary['images_in_groups']} of {summary['images']} images; threshold {summary['threshold']:.6g} ({how})"
+    )
+    for kind, path in summary["files"].items():
+        print(f"  {kind:<5} {path}")
+    return 0
+
+
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     _model(p)
     p.add_argument(
@@ -319,10 +462,39 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--within-cluster", action="store_true", help="evaluate search restricted to the predicted cluster"
     )
+    p.add_argument(
+        "--copies",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="label-free instead: edited copies of N randomly chosen indexed images query the index "
+        "(the edits are listed above)",
+    )
+    p.add_argument("--seed", type=int, default=DEFAULTS.duplicates.seed, help="which images --copies draws")
+    _precision(p, "suggested")
+    p.add_argument(
+        "--edits",
+        type=_edit_list,
+        default=None,
+        metavar="E1,E2",
+        help="with --copies: only these edits (default: all; held-out ones are reported apart)",
+    )
     _json(p)
 
 
+def _edit_list(text: str) -> tuple[str, ...]:
+    from imgsim.edits import EDITS
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EDITS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown edit {', '.join(unknown)}; choose from {', '.join(EDITS)}")
+    return names
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    if args.copies is not None:
+        return _run_eval_copies(args)
     from pipelines.evaluate import evaluate_run
 
     metrics = evaluate_run(args.model, queries=args.queries, k=args.k, within_cluster=args.within_cluster)
@@ -335,6 +507,65 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{metrics['precision_at_k']:.4f}  mAP@{metrics['k']} {metrics['map_at_k']:.4f}  "
             f"recall@{metrics['k']} {metrics['recall_at_k']:.4f}"
         )
+    return 0
+
+
+def _run_eval_copies(args: argparse.Namespace) -> int:
+    from imgsim.copies import DEFAULT_EDITS
+    from pipelines.evaluate import evaluate_copies_run
+
+    if args.queries or args.within_cluster:
+        raise ImgsimError(
+            "--copies is label-free and uses the whole index: drop --queries and --within-cluster"
+        )
+    report = evaluate_copies_run(
+        args.model,
+        args.copies,
+        seed=args.seed,
+        k=args.k,
+        precision=args.precision,
+        edits=args.edits or DEFAULT_EDITS,
+    )
+    if args.json:
+        _print_json(report)
+        return 0
+    k = report["k"]
+
+    def row(name: str, m: dict[str, Any]) -> str:
+        cells = [m["precision_at_1"], m[f"recall_at_{k}"], m[f"map_at_{k}"], m.get("copy_distance_median")]
+        return f"  {name:<20}{m['queries']:>7}" + "".join(
+            f"{c:>10.4f}" if c is not None else f"{'-':>10}" for c in cells
+        )
+
+    header = f"  {'edit':<20}{'copies':>7}{'P@1':>10}{f'R@{k}':>10}{f'mAP@{k}':>10}{'dist p50':>10}"
+    print(
+        f"{report['copies']} images, their edited copies against {report['database']} indexed (k={k}, seed {report['seed']})"
+    )
+    print(header)
+    print(row("trained edits + mix", report))
+    for name, m in report["per_edit"].items():
+        print(row(name, m))
+    if report["held_out"]["queries"]:
+        print(row("held-out edits", report["held_out"]))
+        for name, m in report["held_out"]["per_edit"].items():
+            print(row(name, m))
+    d = report["distances"]
+    print(
+        f"distance to the original p50 {d['copy']['p50']}, p95 {d['copy']['p95']}; "
+        f"to the nearest non-copy p5 {d['nearest_non_copy']['p5']}, p50 {d['nearest_non_copy']['p50']}"
+    )
+    t = report["threshold"]
+    if t["met"]:
+        print(
+            f"suggested threshold {report['suggested_threshold']}: precision {t['precision']} "
+            f"(target {t['precision_target']}), recall {t['recall']}"
+        )
+    else:
+        print(
+            f"no distance reaches precision {t['precision_target']}: suggested threshold 0 (exact copies only)"
+        )
+    if report["skipped"]:
+        print(f"{len(report['skipped'])} originals or copies skipped (see --json)")
     return 0
 
 
@@ -400,6 +631,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
     demo(args.work, limit=args.limit, epochs=args.epochs)
     return 0
+
+
+def _edits_help() -> str:
+    from imgsim.edits import HELD_OUT_EDITS, TRAINED_EDITS, describe_edits
+
+    trained = "\n".join(f"  {line}" for line in describe_edits(TRAINED_EDITS).splitlines())
+    held = "\n".join(f"  {line}" for line in describe_edits(HELD_OUT_EDITS).splitlines())
+    return f"{trained}\nheld out (never trained with):\n{held}"
+
+
+EDITS_HELP = _edits_help()
 
 
 @dataclass(frozen=True)
@@ -474,12 +716,31 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command(
         "eval",
-        "retrieval quality (precision@k, mAP@k) on labelled data",
+        "retrieval quality (precision@k, mAP@k) on labelled data, or label-free with --copies",
         "Without --queries every indexed image queries the rest (itself excluded); with --queries, "
-        "QDATA's images query the index. A result is relevant when its label equals the query's.",
+        "QDATA's images query the index. A result is relevant when its label equals the query's.\n\n"
+        "With --copies N (no labels needed): N randomly drawn indexed images are edited in memory, one "
+        "copy per edit, and each copy must find its original: precision@1, recall@k, mAP@k, per edit; "
+        "distances to the original against the nearest non-copy; and the largest distance threshold "
+        "whose matches are at least --precision originals (the one `imgsim duplicates` calibrates). "
+        "Trained edits and mix make the headline figures; held-out edits are reported apart:\n" + EDITS_HELP,
         eval_arguments,
         run_eval,
         "pipelines.evaluate",
+    ),
+    Command(
+        "duplicates",
+        "exact and near-duplicate groups over the indexed images",
+        "Group the indexed images that are duplicates: byte-identical files (same content hash), then "
+        "near-duplicates by range search on the KNN index within a distance threshold, by complete "
+        "linkage (every pair in a group is within the threshold: no chains of look-alikes). Each group "
+        "suggests which image to keep (most pixels, then largest file, then oldest) and why. The "
+        "threshold is calibrated from edited copies of indexed images for --precision unless "
+        "--threshold is given, and stored in RUN. Reruns search only images added since. DIR gets "
+        "duplicates.jsonl, duplicates.csv and duplicates.html (thumbnails inline: opens offline).",
+        duplicates_arguments,
+        run_duplicates,
+        "pipelines.duplicates",
     ),
     Command(
         "tsne",
@@ -517,7 +778,7 @@ def _command_parser(command: Command, prog: str, **kwargs: Any) -> argparse.Argu
     return argparse.ArgumentParser(
         prog=prog,
         description=command.description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         **kwargs,
     )
 
@@ -538,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.name,
             help=command.help,
             description=command.description,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         command.arguments(p)
         p.set_defaults(func=command.run)

@@ -78,6 +78,20 @@ class SearchConfig:
     allow_private_urls: bool = True
 
 
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    """Duplicate finding and label-free evaluation defaults (`imgsim duplicates`, `eval --copies`)."""
+
+    precision: float = 0.99  # target precision of the calibrated threshold (imgsim.copies)
+    calibration_copies: int = 300  # indexed images whose edited copies calibrate the threshold
+    seed: int = 0
+    # Neighbours kept per image by the range search: a cap on the work in a region so dense that
+    # the threshold takes in hundreds of images (they could not form one duplicate group anyway).
+    max_neighbours: int = 64
+    max_matches: int = 100  # matches returned for one query (`query --duplicates`, POST /duplicates)
+    html_groups: int = 500  # groups drawn in duplicates.html (all of them are in the JSONL and CSV)
+
+
 #: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
 INGRESS_CHOICES = ("auto", "haproxy", "proxy")
 
@@ -103,6 +117,7 @@ class Defaults:
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
 
 
 DEFAULTS = Defaults()

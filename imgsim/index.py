@@ -55,6 +55,8 @@ IVF_TRAIN_POINTS_PER_LIST = 64  # training sample per IVF partition (faiss wants
 IVF_TRAIN_ITERATIONS = 10  # KMeans iterations for the coarse quantiser
 GATHER_MIN_QUERIES = 64  # search_within on an exact index: from this many queries per cluster, use BLAS
 THREADS_ENV = "IMGSIM_THREADS"
+RANGE_CHUNK = 8192  # range_search queries per faiss call (bounds the memory of one call's matches)
+RANGE_TOLERANCE = 1e-6  # a pair exactly at the distance limit is kept despite float rounding
 _threads_chosen = False
 
 
@@ -98,6 +100,24 @@ def normalise(x: Any, what: str = "embeddings") -> np.ndarray:
 def metric_space(x: Any, metric: str, what: str = "embeddings") -> np.ndarray:
     """Vectors as the index compares them: unit length for cosine, as they are for l2."""
     return normalise(x, what) if metric == "cosine" else as_matrix(x, what)
+
+
+def pair_distances(a: Any, b: Any, metric: str) -> np.ndarray:
+    """The distance (as `KnnIndex` reports it) between row i of `a` and row i of `b`, for every i."""
+    if metric == "cosine":
+        x, y = normalise(a), normalise(b)
+        return np.clip(1.0 - np.einsum("ij,ij->i", x, y), 0.0, 2.0).astype(np.float32)
+    x, y = as_matrix(a), as_matrix(b)
+    return np.sqrt(np.einsum("ij,ij->i", x - y, x - y)).astype(np.float32)
+
+
+def cross_distances(a: Any, b: Any, metric: str) -> np.ndarray:
+    """(len(a), len(b)) distances between every row of `a` and every row of `b` (small sets only)."""
+    x, y = metric_space(a, metric), metric_space(b, metric)
+    if metric == "cosine":
+        return np.clip(1.0 - x @ y.T, 0.0, 2.0).astype(np.float32)
+    sq = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
 
 
 def default_nlist(n: int) -> int:
@@ -355,6 +375,58 @@ class KnnIndex:
             return np.zeros((len(x), 0), np.float32), np.zeros((len(x), 0), np.int64)
         scores, ids = drop_ids(*self._search(x, want + 1, nprobe), exclude, want)
         return self._to_distance(scores), ids
+
+    def range_search(
+        self,
+        q: np.ndarray,
+        max_distance: float,
+        *,
+        nprobe: int | None = None,
+        max_results: int | None = None,
+        chunk: int = RANGE_CHUNK,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every indexed item within `max_distance` (inclusive) of each query row, nearest first.
+
+        Returns (lims (N+1,) int64, distances float32, ids int64) in faiss's CSR layout: row i's
+        results are `distances[lims[i]:lims[i+1]]`, `ids[lims[i]:lims[i+1]]`. `max_results` keeps
+        only the nearest that many per row. Queries go to faiss in chunks of `chunk` rows, so memory
+        follows the number of matches, never N x N. On an IVF index only the `nprobe` nearest
+        partitions are scanned (an item across a partition boundary may be missed, as in `search`).
+        """
+        if max_distance < 0:
+            raise ValueError(f"max_distance must be at least 0, got {max_distance}")
+        x = self._queries(q)
+        if self.metric == "cosine":  # faiss keeps inner products above the threshold
+            threshold = 1.0 - float(max_distance) - RANGE_TOLERANCE
+        else:  # faiss keeps squared distances below the threshold
+            threshold = (float(max_distance) + RANGE_TOLERANCE) ** 2
+        params = None
+        if self.kind_ == "ivf":
+            assert self.nlist_ is not None
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe or self.nprobe, self.nlist_))
+        counts, dists, ids = [], [], []
+        for start in range(0, len(x), max(1, chunk)):
+            lims, scores, found = self.index_.range_search(x[start : start + chunk], threshold, params=params)
+            per_row = np.diff(lims).astype(np.int64)
+            row = np.repeat(np.arange(len(per_row)), per_row)
+            dist = self._to_distance(scores)
+            order = np.lexsort((found, dist, row))  # by row, then distance, then id (deterministic)
+            row, dist, found = row[order], dist[order], found[order].astype(np.int64)
+            if max_results is not None:
+                rank = np.arange(len(row)) - np.repeat(lims[:-1].astype(np.int64), per_row)
+                keep = rank < max_results
+                row, dist, found = row[keep], dist[keep], found[keep]
+                per_row = np.minimum(per_row, max_results)
+            counts.append(per_row)
+            dists.append(dist)
+            ids.append(found)
+        per_query = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        lims_all = np.concatenate([[0], np.cumsum(per_query)]).astype(np.int64)
+        return (
+            lims_all,
+            np.concatenate(dists) if dists else np.zeros(0, np.float32),
+            np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        )
 
     def _cluster_members(self, item_clusters: Any, cluster: int) -> tuple[np.ndarray, int]:
         """(bitmap for faiss.IDSelectorBitmap, member count) of one cluster; cached per array object."""

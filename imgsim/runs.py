@@ -12,6 +12,10 @@ RUN/
     manifest.json                       data root, counts, model fingerprint, metric, index kind
     kmeans/, knn.faiss, meta.json       KMeans centroids and the KNN index (imgsim.index)
   .index-staging-<model>/part-*.parquet embeddings of an `imgsim index` still running (or killed)
+  duplicates/                           `imgsim duplicates` (imgsim.duplicates)
+    calibration.json                    the calibrated threshold, its precision and the model it fits
+    state/                              pairs found and images searched, for incremental reruns
+    duplicates.jsonl, .csv, .html       the groups (the default --out)
   logs/                                 Ray's driver and worker logs of the run's jobs
 ```
 """
@@ -112,3 +116,19 @@ class RunPaths:
 
     def all_index_staging(self) -> list[Path]:
         return sorted(self.root.glob(".index-staging-*"))
+
+    # -- duplicates ---------------------------------------------------------------------------------
+    @property
+    def duplicates_dir(self) -> Path:
+        """`imgsim duplicates`' state, calibration and (by default) its reports."""
+        return self.root / "duplicates"
+
+    @property
+    def duplicates_calibration(self) -> Path:
+        """The calibrated duplicate threshold (imgsim.duplicates.calibrate)."""
+        return self.duplicates_dir / "calibration.json"
+
+    @property
+    def duplicates_state(self) -> Path:
+        """Pairs found and nodes searched by the last run, swapped in whole (incremental reruns)."""
+        return self.duplicates_dir / "state"

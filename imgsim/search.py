@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from imgsim.decode import DecodeError, decode_image, open_image, prepare_image
 from imgsim.errors import BadQuery, RunNotFound
 from imgsim.fetch import fetch_url
 from imgsim.index import KMeansClusterer, KnnIndex
+from imgsim.rows import content_hash as hash_of_bytes
 from imgsim.runs import RunPaths
 from imgsim.sources import read_bytes
 
@@ -48,6 +50,7 @@ class Searcher:
         clusters: np.ndarray,
         allow_private_urls: bool = DEFAULTS.search.allow_private_urls,
         max_query_bytes: int = DEFAULTS.serve.max_body_bytes,
+        run: str | os.PathLike[str] | None = None,
     ) -> None:
         self.model = model
         self.index = index
@@ -57,6 +60,10 @@ class Searcher:
         self.clusters = clusters
         self.allow_private_urls = allow_private_urls
         self.max_query_bytes = max_query_bytes
+        self.run = Path(run) if run is not None else None
+        self._hash_lookup: tuple[np.ndarray, np.ndarray] | None = None
+        self._threshold: tuple[float, str] | None = None
+        self._threshold_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -85,6 +92,7 @@ class Searcher:
             table["label"].to_pylist(),
             table["cluster"].to_numpy(),
             allow_private_urls=allow_private_urls,
+            run=paths.root,
         )
 
     def __len__(self) -> int:
@@ -163,6 +171,68 @@ class Searcher:
     def record(self, id: int) -> dict[str, Any]:
         """The indexed image with this id (its row in embeddings.parquet)."""
         return {"id": id, "path": self.paths[id], "label": self.labels[id], "cluster": int(self.clusters[id])}
+
+    # -- duplicates --------------------------------------------------------------------------------
+    def duplicates_of(
+        self, x: Query, threshold: float | None = None, max_matches: int = DEFAULTS.duplicates.max_matches
+    ) -> dict[str, Any]:
+        """Is `x` a duplicate of indexed images? `{"query", "duplicate", "threshold", "threshold_source",
+        "matches": [{"id", "path", "distance", "exact"}]}`: every indexed image within the threshold
+        (the run's calibrated one unless given), nearest first; `exact` when the bytes are identical
+        (known for queries given as bytes, a path or a URL)."""
+        data = None
+        if isinstance(x, bytes | bytearray | memoryview):
+            data = bytes(x)
+        elif isinstance(x, str | os.PathLike):
+            data = self.query_bytes(x)
+        image = self.to_image(data if data is not None else x)
+        answer = self.duplicates_of_preprocessed(
+            image, hash_of_bytes(data) if data else None, threshold, max_matches
+        )
+        return {"query": _describe(x), **answer}
+
+    def duplicates_of_preprocessed(
+        self,
+        image: np.ndarray,
+        content_hash: str | None = None,
+        threshold: float | None = None,
+        max_matches: int = DEFAULTS.duplicates.max_matches,
+    ) -> dict[str, Any]:
+        """`duplicates_of` for a preprocessed uint8 (C, S, S) image and its file's content hash."""
+        from imgsim.duplicates import matches_of
+
+        t, source = (float(threshold), "given") if threshold is not None else self.duplicate_threshold()
+        matches = matches_of(self, self.embed(image[None])[0], content_hash, t, max_matches)
+        return {"duplicate": bool(matches), "threshold": t, "threshold_source": source, "matches": matches}
+
+    def duplicate_threshold(self) -> tuple[float, str]:
+        """(threshold, source): the run's stored calibration, else one calibrated now (in-process, from
+        edited copies; `imgsim duplicates` or `imgsim eval --copies` measure it beforehand)."""
+        with self._threshold_lock:
+            if self._threshold is None:
+                from imgsim.duplicates import stored_or_calibrated
+
+                if self.run is None:
+                    raise RunNotFound("this Searcher has no run directory to calibrate in: pass threshold=")
+                t, source, _ = stored_or_calibrated(self.run, self)
+                self._threshold = (t, source)
+            return self._threshold
+
+    def rows_with_hash(self, content_hash: str) -> list[int]:
+        """Ids of the indexed images whose file bytes have this content hash (exact duplicates)."""
+        if self._hash_lookup is None:
+            hashes = np.zeros(0, "S32")
+            if self.run is not None and "content_hash" in pq.read_schema(RunPaths(self.run).embeddings).names:
+                column = pq.read_table(RunPaths(self.run).embeddings, columns=["content_hash"])[
+                    "content_hash"
+                ]
+                hashes = np.array(column.fill_null("").to_pylist(), dtype="S32")
+            order = np.argsort(hashes, kind="stable")
+            self._hash_lookup = (hashes[order], order)
+        sorted_hashes, order = self._hash_lookup
+        key = np.array(content_hash, dtype="S32")
+        lo, hi = np.searchsorted(sorted_hashes, key, "left"), np.searchsorted(sorted_hashes, key, "right")
+        return sorted(int(i) for i in order[lo:hi])
 
     # -- indexed images ----------------------------------------------------------------------------
     def image_bytes(self, id: int) -> tuple[bytes, str]:

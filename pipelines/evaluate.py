@@ -1,21 +1,35 @@
-"""Eval: retrieval quality of a built run on labelled data (`imgsim eval`).
+"""Eval: retrieval quality of a built run (`imgsim eval`).
 
-Without queries every indexed image queries the rest (itself excluded); with QDATA, its images
-are embedded by the same Ray Data pipeline as the index and query it.
+- Labelled: without queries every indexed image queries the rest (itself excluded); with QDATA,
+  its images are embedded by the same Ray Data pipeline as the index and query it.
+- Label-free (`--copies N`): edited copies of N indexed images query the index (`imgsim.copies`).
+  Small N runs in-process; larger N as Ray tasks, one per chunk of originals (read, edit, decode
+  and embed in the task), so the cores work in parallel and the report is the same either way.
 
     ray job submit --working-dir . -- python -m pipelines.evaluate --model RUN --queries QDATA
+    ray job submit --working-dir . -- python -m pipelines.evaluate --model RUN --copies 1000 --json
 """
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgsim import copies as copies_lib
 from imgsim.config import DEFAULTS
 from imgsim.evaluate import retrieval_metrics
+from imgsim.progress import bar, log
 from imgsim.rows import read_embeddings
 from imgsim.search import Searcher
+
+#: Copies (originals x edits) up to which `eval --copies` runs in-process: below this, starting Ray
+#: costs more than it saves.
+IN_PROCESS_MAX_COPIES = 2000
 
 
 class _WithinCluster:
@@ -50,6 +64,97 @@ def evaluate_run(
     metrics["within_cluster"] = within_cluster
     metrics["metric"] = searcher.index.metric
     return metrics
+
+
+# -- label-free: edited copies ---------------------------------------------------------------------
+@functools.cache
+def _worker_model(run: str, mtime_ns: int) -> Any:
+    """The run's encoder, loaded once per Ray worker process (and again if the model file changes)."""
+    import torch
+
+    from imgsim import model as model_lib
+
+    torch.set_num_threads(1)  # one task per core: more threads only oversubscribe
+    return model_lib.load(run)
+
+
+def _copy_chunk(
+    run: str, chunk: copies_lib.Chunk, edits: tuple[str, ...], seed: int
+) -> copies_lib.CopyEmbeddings:
+    from imgsim.runs import RunPaths
+
+    model_file = RunPaths(run).model_file
+    mtime_ns = model_file.stat().st_mtime_ns if model_file.exists() else 0
+    return copies_lib.embed_copies_chunk(_worker_model(run, mtime_ns), chunk, edits, seed)
+
+
+def ray_runner(run: str) -> copies_lib.ChunkRunner:
+    """A `ChunkRunner` that embeds each chunk of originals in a Ray task, yielding them as they finish."""
+
+    def run_chunks(
+        chunks: list[copies_lib.Chunk], edits: tuple[str, ...], seed: int
+    ) -> Iterator[copies_lib.CopyEmbeddings]:
+        import ray
+
+        from pipelines.runtime import ensure_ray
+
+        ensure_ray()
+        task = ray.remote(num_cpus=1, max_retries=2)(_copy_chunk)
+        run_ref = str(Path(run).resolve())
+        pending = [task.remote(run_ref, chunk, edits, seed) for chunk in chunks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    return run_chunks
+
+
+def copy_runner(
+    run: str, searcher: Searcher, work: int, use_ray: bool | None = None
+) -> copies_lib.ChunkRunner:
+    """Ray tasks for more than IN_PROCESS_MAX_COPIES copies (or when `use_ray`), else in-process."""
+    if use_ray if use_ray is not None else work > IN_PROCESS_MAX_COPIES:
+        return ray_runner(run)
+    return copies_lib.in_process(searcher.model)
+
+
+def index_columns(run: str) -> tuple[np.ndarray, list[str], list[str | None] | None]:
+    """(embeddings, paths, content hashes or None for an index written without them) of RUN's index."""
+    import pyarrow.parquet as pq
+
+    from imgsim.runs import RunPaths
+
+    names = pq.read_schema(RunPaths(run).embeddings).names
+    columns = ("path", "content_hash") if "content_hash" in names else ("path",)
+    emb, values = read_embeddings(run, columns=columns)
+    return emb, values["path"], values.get("content_hash")
+
+
+def evaluate_copies_run(
+    run: str,
+    copies: int,
+    *,
+    seed: int = DEFAULTS.duplicates.seed,
+    k: int = DEFAULTS.search.k,
+    precision: float = DEFAULTS.duplicates.precision,
+    edits: Sequence[str] = copies_lib.DEFAULT_EDITS,
+    use_ray: bool | None = None,
+) -> dict[str, Any]:
+    """`imgsim eval --copies N`: the label-free report of `imgsim.copies` for RUN's index."""
+    started = time.perf_counter()
+    searcher = Searcher.load(run)
+    db_emb, paths, hashes = index_columns(run)
+    n = min(copies, len(paths))
+    runner = copy_runner(run, searcher, n * len(edits), use_ray)
+    with bar(n, desc="copies", unit="img") as progress:
+        report = copies_lib.evaluate_copies(
+            searcher.model, searcher.index, db_emb, paths, hashes, copies=copies, seed=seed, k=k,
+            precision=precision, edits=edits, runner=runner, on_chunk=progress.update,
+        )  # fmt: skip
+    seconds = time.perf_counter() - started
+    queries = report["queries"] + report["held_out"]["queries"]
+    log(f"[eval] {queries} copies of {report['copies']} images queried {len(paths)} in {seconds:.1f} s")
+    return report
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 HTTP API (docs/serving.md has curl examples):
     POST /search?k=N     image as multipart field `image`, raw body (Content-Type image/*), or JSON
                          {"url": ..., "k": N} -> {"query", "cluster", "results", "took_ms"}
+    POST /duplicates     the same inputs -> {"query", "duplicate", "threshold", "threshold_source",
+                         "matches": [{"id", "path", "distance", "exact"}], "took_ms"} (k caps matches)
     GET  /images/{id}    the indexed image's bytes (ids are row numbers; nothing else is served)
     GET  /healthz        {"status": "ok", "images": N}
     GET  /               the web page (serve/static/)
@@ -41,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imgsim.config import DEFAULTS
 from imgsim.errors import BadQuery, ImgsimError, RunNotFound
+from imgsim.rows import content_hash
 from imgsim.runs import RunPaths
 
 logger = logging.getLogger("ray.serve")
@@ -262,6 +265,27 @@ class ImgsimSearch:
     async def search(self, request: Request) -> JSONResponse:
         """Top-k similar images for an uploaded image (multipart or raw body) or an image URL."""
         started = time.perf_counter()
+        _, image, query, k = await self._read_query(request)
+        answer = await self._search_batch((image, k))
+        took_ms = (time.perf_counter() - started) * 1000.0
+        return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
+
+    @api.post("/duplicates")
+    async def duplicates(self, request: Request) -> JSONResponse:
+        """Is the image (same inputs as /search) a duplicate of indexed ones? Every indexed image
+        within the run's calibrated threshold (k caps the matches), byte-identical files first."""
+        started = time.perf_counter()
+        data, image, query, k = await self._read_query(request, default_k=DEFAULTS.duplicates.max_matches)
+        digest = content_hash(data)
+        answer = await asyncio.to_thread(self.searcher.duplicates_of_preprocessed, image, digest, None, k)
+        took_ms = (time.perf_counter() - started) * 1000.0
+        return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
+
+    async def _read_query(
+        self, request: Request, default_k: int = DEFAULTS.search.k
+    ) -> tuple[bytes, np.ndarray, str, int]:
+        """(bytes, preprocessed image, query name, k) of a query request, after the API key check;
+        every bad input is an ApiError (4xx)."""
         _check_api_key(request, self.api_key)
         media = _media_type(request)
         kind = (
@@ -280,7 +304,7 @@ class ImgsimSearch:
                 '\'image\', as a raw body with Content-Type image/*, or JSON {"url": ..., "k": N}',
             )
         k_param = request.query_params.get("k")
-        k = parse_k(k_param, self.max_k)  # validated before reading the body
+        k = parse_k(k_param, self.max_k, default_k)  # validated before reading the body
         body = await read_body_limited(request, self.max_body_bytes)
         if kind == "multipart":
             data, query, k_field = await _multipart_image(request, body)
@@ -299,9 +323,7 @@ class ImgsimSearch:
             image = self._to_image(data, query)
         else:  # large: keep the event loop free for other requests while it decodes
             image = await asyncio.to_thread(self._to_image, data, query)
-        answer = await self._search_batch((image, k))
-        took_ms = (time.perf_counter() - started) * 1000.0
-        return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
+        return data, image, query, k
 
     @staticmethod
     def _parse_json_query(body: bytes) -> tuple[str, object]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import requests
 from conftest import free_port, make_pattern_image, wait_healthy
 from PIL import Image
 
+ENDPOINTS = ["/search", "/duplicates"]  # the same inputs, the same 4xx rules
 MAX_BODY = 200_000  # the "/" app's body limit, small so the 413 tests stay cheap
 API_KEY = "test-key-0123456789"
 
@@ -98,9 +100,11 @@ def serve_tiny_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """The session's `tiny_run` (trained + indexed) when conftest provides it, else a small run."""
     try:
         _data, run = request.getfixturevalue("tiny_run")
-        return Path(run)
     except pytest.FixtureLookupError:
         return build_small_run(tmp_path_factory.mktemp("serve-run"))
+    copy = tmp_path_factory.mktemp("serve-run") / "run"  # /duplicates stores its calibration in the run
+    shutil.copytree(run, copy)
+    return copy
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -284,6 +288,43 @@ def test_images_by_id_are_the_indexed_files(served: Served) -> None:
         assert r.content == served.images[image_id].read_bytes()
 
 
+def test_an_indexed_image_is_a_duplicate_of_itself(served: Served) -> None:
+    path = served.images[3]
+    r = requests.post(
+        served.base + "/duplicates", files={"image": (path.name, path.read_bytes(), "image/png")}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["duplicate"] is True and body["threshold"] >= 0
+    assert body["matches"][0] == {
+        "id": 3,
+        "path": str(path),
+        "distance": body["matches"][0]["distance"],
+        "exact": True,
+    }
+    assert all(m["distance"] <= body["threshold"] + 1e-5 for m in body["matches"][1:])
+    assert body == {**served.searcher.duplicates_of(path), "query": path.name, "took_ms": body["took_ms"]}
+    # the raw body, a URL and the API key all work as for /search
+    raw = requests.post(
+        served.base + "/duplicates", data=path.read_bytes(), headers={"Content-Type": "image/png"}
+    )
+    assert raw.json()["matches"] == body["matches"]
+    url = requests.post(served.base + "/duplicates", json={"url": served.image_server + "/query.png"})
+    assert url.status_code == 200 and url.json()["matches"][0]["id"] == 0
+    keyed = requests.post(
+        served.base + "/strict/duplicates?k=1",
+        data=path.read_bytes(),
+        headers={"Content-Type": "image/png", **_bearer(API_KEY)},
+    )
+    assert keyed.status_code == 200 and len(keyed.json()["matches"]) == 1
+
+
+def test_an_unrelated_image_is_not_a_duplicate(served: Served) -> None:
+    r = requests.post(served.base + "/duplicates", data=_noise_png(48), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.json()["duplicate"] is False and r.json()["matches"] == []
+
+
 def test_the_web_page_and_its_assets(served: Served) -> None:
     r = requests.get(served.base + "/", timeout=10)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -310,9 +351,10 @@ def test_path_traversal_is_not_served(served: Served) -> None:
 
 
 @pytest.mark.parametrize("k", ["0", "-1", "101", "abc", "1.5", "", "1e2", "99999999999999"])
-def test_bad_k_in_the_query_string_is_400(served: Served, k: str) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bad_k_in_the_query_string_is_400(served: Served, endpoint: str, k: str) -> None:
     r = requests.post(
-        served.base + f"/search?k={k}",
+        served.base + f"{endpoint}?k={k}",
         data=served.images[0].read_bytes(),
         headers={"Content-Type": "image/png"},
         timeout=10,
@@ -322,9 +364,10 @@ def test_bad_k_in_the_query_string_is_400(served: Served, k: str) -> None:
 
 
 @pytest.mark.parametrize("k", [0, 101, 2.5, True, "x", {"n": 3}, [3]])
-def test_bad_k_in_json_is_400(served: Served, k: object) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bad_k_in_json_is_400(served: Served, endpoint: str, k: object) -> None:
     body = {"url": served.image_server + "/query.png", "k": k}
-    r = requests.post(served.base + "/search", json=body, timeout=10)
+    r = requests.post(served.base + endpoint, json=body, timeout=10)
     _assert_error(r, 400)
     _assert_alive(served)
 
@@ -333,9 +376,10 @@ def test_bad_k_in_json_is_400(served: Served, k: object) -> None:
     "kind",
     ["text-as-png", "truncated-png", "empty", "multipart-text", "multipart-no-image-field", "html"],
 )
-def test_not_an_image_is_400(served: Served, kind: str) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_not_an_image_is_400(served: Served, endpoint: str, kind: str) -> None:
     png = served.images[0].read_bytes()
-    url = served.base + "/search"
+    url = served.base + endpoint
     if kind == "text-as-png":
         r = requests.post(url, data=b"hello, not an image", headers={"Content-Type": "image/png"})
     elif kind == "truncated-png":
@@ -358,15 +402,17 @@ def test_not_an_image_is_400(served: Served, kind: str) -> None:
     "body",
     [b"{not json", b"[1, 2]", b'{"k": 3}', b'{"url": 42}', b'{"url": ""}', b"\xff\xfe\x00"],
 )
-def test_malformed_json_queries_are_400(served: Served, body: bytes) -> None:
-    r = requests.post(served.base + "/search", data=body, headers={"Content-Type": "application/json"})
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_malformed_json_queries_are_400(served: Served, endpoint: str, body: bytes) -> None:
+    r = requests.post(served.base + endpoint, data=body, headers={"Content-Type": "application/json"})
     _assert_error(r, 400)
     _assert_alive(served)
 
 
-def test_malformed_multipart_is_400(served: Served) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_malformed_multipart_is_400(served: Served, endpoint: str) -> None:
     r = requests.post(
-        served.base + "/search",
+        served.base + endpoint,
         data=b"--xyz\r\nContent-Disposition: form-data; name=image\r\n\r\nabc",  # never closed
         headers={"Content-Type": "multipart/form-data; boundary=xyz"},
     )
@@ -374,39 +420,43 @@ def test_malformed_multipart_is_400(served: Served) -> None:
     _assert_alive(served)
 
 
-def test_decompression_bomb_is_refused_with_a_reason(served: Served) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_decompression_bomb_is_refused_with_a_reason(served: Served, endpoint: str) -> None:
     bomb = _bomb_png()
     assert len(bomb) < MAX_BODY  # small on the wire: only decoding would be huge
-    r = requests.post(served.base + "/search", data=bomb, headers={"Content-Type": "image/png"}, timeout=30)
+    r = requests.post(served.base + endpoint, data=bomb, headers={"Content-Type": "image/png"}, timeout=30)
     assert r.status_code in (400, 413)
     assert "decompression bomb" in _assert_error(r, r.status_code)["error"]
     _assert_alive(served)
 
 
-def test_oversize_body_is_413_by_content_length(served: Served) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_oversize_body_is_413_by_content_length(served: Served, endpoint: str) -> None:
     big = _noise_png(400)
     assert len(big) > MAX_BODY
-    r = requests.post(served.base + "/search", data=big, headers={"Content-Type": "image/png"}, timeout=30)
+    r = requests.post(served.base + endpoint, data=big, headers={"Content-Type": "image/png"}, timeout=30)
     assert str(MAX_BODY) in _assert_error(r, 413)["error"]
-    r = requests.post(served.base + "/search", files={"image": ("big.png", big, "image/png")}, timeout=30)
+    r = requests.post(served.base + endpoint, files={"image": ("big.png", big, "image/png")}, timeout=30)
     _assert_error(r, 413)
     _assert_alive(served)
 
 
-def test_oversize_body_is_413_while_streaming_without_content_length(served: Served) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_oversize_body_is_413_while_streaming_without_content_length(served: Served, endpoint: str) -> None:
     def chunks() -> Iterator[bytes]:  # chunked transfer encoding: no Content-Length to check
         for _ in range(2 * MAX_BODY // 16_384 + 2):
             yield b"\x89PNG" + bytes(16_380)
 
     r = requests.post(
-        served.base + "/search", data=chunks(), headers={"Content-Type": "image/png"}, timeout=30
+        served.base + endpoint, data=chunks(), headers={"Content-Type": "image/png"}, timeout=30
     )
     _assert_error(r, 413)
     _assert_alive(served)
 
 
-def test_oversize_url_image_is_refused(served: Served) -> None:
-    r = requests.post(served.base + "/search", json={"url": served.image_server + "/big.png"}, timeout=30)
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_oversize_url_image_is_refused(served: Served, endpoint: str) -> None:
+    r = requests.post(served.base + endpoint, json={"url": served.image_server + "/big.png"}, timeout=30)
     assert r.status_code in (400, 413), r.text
     _assert_error(r, r.status_code)
     _assert_alive(served)
@@ -415,9 +465,10 @@ def test_oversize_url_image_is_refused(served: Served) -> None:
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", None]
 )
-def test_unsupported_content_type_is_415(served: Served, content_type: str | None) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_unsupported_content_type_is_415(served: Served, endpoint: str, content_type: str | None) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
-    r = requests.post(served.base + "/search", data=b"whatever", headers=headers, timeout=10)
+    r = requests.post(served.base + endpoint, data=b"whatever", headers=headers, timeout=10)
     if content_type is None:  # requests sends no Content-Type for raw bytes
         assert "content-type" not in {h.lower() for h in r.request.headers}
     _assert_error(r, 415)
@@ -428,10 +479,11 @@ def test_unsupported_content_type_is_415(served: Served, content_type: str | Non
     "url",
     ["/notes.txt", "/missing.png", "file:///etc/passwd", "ftp://127.0.0.1/x.png", "http://", "not a url"],
 )
-def test_bad_urls_are_4xx_or_502(served: Served, url: str) -> None:
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_bad_urls_are_4xx_or_502(served: Served, endpoint: str, url: str) -> None:
     if url.startswith("/"):
         url = served.image_server + url
-    r = requests.post(served.base + "/search", json={"url": url}, timeout=30)
+    r = requests.post(served.base + endpoint, json={"url": url}, timeout=30)
     assert 400 <= r.status_code < 500 or r.status_code in (502, 504), r.text
     _assert_error(r, r.status_code)
     _assert_alive(served)
@@ -467,6 +519,10 @@ def test_api_key_is_required_when_set(served: Served, headers: dict[str, str]) -
         served.base + "/strict/search", data=png, headers={"Content-Type": "image/png", **headers}
     )
     assert _assert_error(search, 401) and search.headers["www-authenticate"].startswith("Bearer")
+    dup = requests.post(
+        served.base + "/strict/duplicates", data=png, headers={"Content-Type": "image/png", **headers}
+    )
+    _assert_error(dup, 401)
     _assert_error(requests.get(served.base + "/strict/images/0", headers=headers, timeout=10), 401)
     # Health and the page stay open.
     assert requests.get(served.base + "/strict/healthz", timeout=10).status_code == 200

@@ -39,9 +39,11 @@ def web_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     """The session's `tiny_run` (trained + indexed) when conftest provides it, else a small run."""
     try:
         _data, run = request.getfixturevalue("tiny_run")
-        return Path(run)
     except pytest.FixtureLookupError:
         return build_small_run(tmp_path_factory.mktemp("web-run"))
+    copy = tmp_path_factory.mktemp("web-run") / "run"  # /duplicates stores its calibration in the run
+    shutil.copytree(run, copy)
+    return copy
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,13 @@ def page(base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ob
             context.close()
 
 
+def test_before_the_first_query_there_is_no_results_panel(page) -> None:  # noqa: ANN001
+    assert page.locator("#empty").is_visible()
+    assert page.locator("#results-section").is_hidden()
+    assert not page.locator("#query-img").is_visible()  # no broken "your query image" picture
+    assert page.locator("#results .result").count() == 0
+
+
 def test_upload_shows_result_thumbnails(page, web_run: Path) -> None:  # noqa: ANN001
     from imgsim.search import Searcher
 
@@ -110,7 +119,32 @@ def test_upload_shows_result_thumbnails(page, web_run: Path) -> None:  # noqa: A
     assert page.evaluate("document.querySelector('#query-img').naturalWidth") > 0
     assert page.locator("#error").is_hidden()
     assert "images indexed" in page.inner_text("#status")
+    # the query is an indexed file: the page says what it duplicates, and marks that result
+    note = page.locator("#duplicate-note")
+    note.wait_for(state="visible")
+    assert note.inner_text().startswith(f"Duplicate of {query}")
+    first = page.locator("#results .result").first
+    assert "duplicate" in (first.get_attribute("class") or "")
+    assert first.locator(".tag.dup").inner_text() == "identical file"
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_clicking_a_result_searches_by_it(page, web_run: Path) -> None:  # noqa: ANN001
+    from imgsim.search import Searcher
+
+    searcher = Searcher.load(web_run)
+    second = page.locator("#results .result").nth(1)
+    clicked = int(second.get_attribute("data-id"))
+    second.click()
+    page.wait_for_function(
+        "id => document.querySelector('#summary-meta').textContent.includes(`more like result image ${id}`)",
+        arg=clicked,
+    )
+    page.wait_for_function("() => document.querySelector('#query-img').naturalWidth > 0")
+    ids = [int(i) for i in page.locator("#results .result").evaluate_all("els => els.map(e => e.dataset.id)")]
+    assert ids[0] == clicked  # the clicked image finds itself first: it is the query now
+    assert len(ids) == min(K, len(searcher))
+    assert page.locator("#duplicate-note").is_visible()
 
 
 def test_a_non_image_shows_an_error_in_plain_words(page, tmp_path: Path) -> None:  # noqa: ANN001

@@ -1,4 +1,6 @@
 // imgsim web page: one query (file, drop, paste or URL) -> POST /search -> a grid of thumbnails.
+// The same query goes to POST /duplicates: results that are duplicates of the query say so, and the
+// summary names what the query duplicates. Clicking a result searches with it ("more like this").
 // No build step, no dependencies. Thumbnails come from GET /images/{id}; when the server needs an
 // API key they are fetched with the Authorization header and shown from blob: URLs.
 "use strict";
@@ -9,7 +11,7 @@ const els = {
   status: $("status"), drop: $("dropzone"), file: $("file"), urlForm: $("url-form"), url: $("url"),
   k: $("k"), keyRow: $("key-row"), key: $("api-key"), keySave: $("key-save"), error: $("error"),
   section: $("results-section"), queryImg: $("query-img"), title: $("summary-title"),
-  meta: $("summary-meta"), results: $("results"), empty: $("empty"),
+  meta: $("summary-meta"), results: $("results"), empty: $("empty"), dupNote: $("duplicate-note"),
 };
 
 let blobUrls = [];   // object URLs to revoke when the next result set replaces this one
@@ -52,10 +54,10 @@ function explain(status, reason) {
   }
 }
 
-async function postSearch(body, headers, k) {
+async function postSearch(body, headers, k, endpoint = "/search") {
   let response;
   try {
-    response = await fetch(`/search?k=${k}`, { method: "POST", body, headers: { ...headers, ...authHeaders() } });
+    response = await fetch(`${endpoint}?k=${k}`, { method: "POST", body, headers: { ...headers, ...authHeaders() } });
   } catch (err) {
     throw new Error("Could not reach the server. Is it still running?");
   }
@@ -76,15 +78,18 @@ async function runQuery(query) {
   try { k = chosenK(); } catch (err) { showError(err.message); return; }
   setBusy(true);
   try {
-    let answer;
+    let body, headers = {};
     if (query.file) {
-      const form = new FormData();
-      form.append("image", query.file, query.file.name || "image");
-      answer = await postSearch(form, {}, k);
+      body = new FormData();
+      body.append("image", query.file, query.file.name || "image");
     } else {
-      answer = await postSearch(JSON.stringify({ url: query.url, k }), { "Content-Type": "application/json" }, k);
+      body = JSON.stringify({ url: query.url, k });
+      headers = { "Content-Type": "application/json" };
     }
-    await render(answer, query);
+    // Both at once; a failed duplicate check only leaves the duplicate marks out.
+    const duplicates = postSearch(body, headers, 100, "/duplicates").catch(() => null);
+    const answer = await postSearch(body, headers, k);
+    await render(answer, query, await duplicates);
   } catch (err) {
     if (err.status === 401) askForKey(err.message);
     else showError(err.message);
@@ -124,7 +129,30 @@ function formatDistance(d) {
   return typeof d === "number" ? d.toFixed(Math.abs(d) < 10 ? 4 : 2) : String(d);
 }
 
-async function render(answer, query) {
+// "More like this": the indexed image's own bytes become the next query.
+async function searchByResult(id, path) {
+  clearError();
+  const response = await fetch(`/images/${encodeURIComponent(id)}`, { headers: authHeaders() }).catch(() => null);
+  if (!response || !response.ok) {
+    if (response && response.status === 401) askForKey(explain(401));
+    else showError(`Image ${id} could not be loaded${response ? ` (HTTP ${response.status})` : ""}.`);
+    return;
+  }
+  const blob = await response.blob();
+  const name = (path || `image-${id}`).split("/").pop();
+  runQuery({ file: new File([blob], name, { type: blob.type }), fromResult: id });
+}
+
+function describeDuplicates(duplicates) {
+  if (!duplicates || !duplicates.duplicate || !duplicates.matches.length) { els.dupNote.hidden = true; return; }
+  const first = duplicates.matches[0];
+  const more = duplicates.matches.length > 1 ? ` and ${duplicates.matches.length - 1} more` : "";
+  const how = first.exact ? "an identical file" : "a near-duplicate";
+  els.dupNote.textContent = `Duplicate of ${first.path}${more} (${how}; distance ${formatDistance(first.distance)}, threshold ${formatDistance(duplicates.threshold)}).`;
+  els.dupNote.hidden = false;
+}
+
+async function render(answer, query, duplicates) {
   releaseBlobs();
   if (query.file) {
     const url = URL.createObjectURL(query.file);
@@ -133,16 +161,23 @@ async function render(answer, query) {
   } else {
     els.queryImg.src = query.url;
   }
+  const dupOf = new Map(((duplicates && duplicates.matches) || []).map((m) => [m.id, m]));
+  describeDuplicates(duplicates);
   els.queryImg.onload = () => els.queryImg.classList.toggle("pixelated", els.queryImg.naturalWidth < 128);
   const results = answer.results || [];
   els.results.replaceChildren();
   els.title.textContent = results.length ? `Top ${results.length} similar images` : "No results";
-  const where = query.file ? (query.file.name || "your upload") : query.url;
+  const where = query.fromResult !== undefined ? `more like result image ${query.fromResult}`
+    : query.file ? (query.file.name || "your upload") : query.url;
   els.meta.textContent = `${where} · query cluster ${answer.cluster} · ${Math.round(answer.took_ms)} ms`;
   const loads = [];
   for (const r of results) {
     const item = el("li", "result");
     item.dataset.id = r.id;
+    item.tabIndex = 0;
+    item.title = `${r.path}\nClick: more like this`;
+    item.addEventListener("click", () => searchByResult(r.id, r.path));
+    item.addEventListener("keydown", (e) => { if (e.key === "Enter") searchByResult(r.id, r.path); });
     const thumb = el("div", "thumb");
     const img = el("img");
     img.alt = r.label ? `${r.label} (result ${r.rank})` : `result ${r.rank}`;
@@ -155,6 +190,11 @@ async function render(answer, query) {
     const meta = el("div", "meta");
     meta.append(el("span", "distance", `distance ${formatDistance(r.distance)}`));
     const tags = el("div", "tags");
+    const dup = dupOf.get(r.id);
+    if (dup) {
+      item.classList.add("duplicate");
+      tags.append(el("span", "tag dup", dup.exact ? "identical file" : "duplicate"));
+    }
     if (r.label) tags.append(el("span", "tag", r.label));
     tags.append(el("span", "tag cluster", `cluster ${r.cluster}`));
     meta.append(tags);
