@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 #: Slack on "within the threshold" for float rounding (the same as the index's range search).
 TOLERANCE = 1e-6
 STATE_VERSION = 1
+#: Bumped whenever `imgsim.copies.calibrate_threshold` changes: a stored threshold of another version is redone.
+CALIBRATION_VERSION = 2
 
 
 # -- groups ------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def load_calibration(
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if stored.get("model_fingerprint") != model_fingerprint:
+    if stored.get("model_fingerprint") != model_fingerprint or stored.get("version") != CALIBRATION_VERSION:
         return None
     if precision is not None and stored.get("precision_target") != precision:
         return None
@@ -375,6 +377,7 @@ def calibrate(
         **calibrate_threshold(scores, precision),
         "copies": int(len(originals)),
         "seed": seed,
+        "version": CALIBRATION_VERSION,
         "edits": list(TRAINED_EDITS),
         "model_fingerprint": searcher.model.fingerprint,
         "metric": searcher.index.metric,

@@ -9,7 +9,7 @@ import pytest
 
 from imgsim.cli import build_parser, main
 
-CONTRACT_COMMANDS = ["dataset", "train", "index", "query", "eval", "tsne", "serve", "demo"]
+CONTRACT_COMMANDS = ["dataset", "train", "index", "query", "eval", "tsne", "serve", "demo", "duplicates"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,8 +37,9 @@ CONTRACT_FLAGS = {
     "dataset": ["--limit"],
     "train": ["--out", "--epochs", "--image-size", "--dim", "--batch-size", "--workers", "--gpu", "--resume"],
     "index": ["--model", "--clusters"],
-    "query": ["--model", "-k", "--plot", "--json"],
-    "eval": ["--model", "--queries", "-k", "--json"],
+    "query": ["--model", "-k", "--plot", "--json", "--duplicates"],
+    "eval": ["--model", "--queries", "-k", "--json", "--copies", "--seed"],
+    "duplicates": ["--model", "--threshold", "--precision", "--out", "--json"],
     "tsne": ["--model", "--out"],
     "serve": ["--model", "--host", "--port", "--replicas"],
     "demo": ["--work"],
