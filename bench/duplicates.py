@@ -93,12 +93,14 @@ def planted_embeddings(
     return emb, planted
 
 
-def scale_part(n: int, groups: int, threshold: float, seed: int, nprobe: int | None) -> dict:
+def scale_part(
+    n: int, groups: int, threshold: float, seed: int, nprobe: int | None, nlist: int | None
+) -> dict:
     t0 = time.perf_counter()
     emb, planted = planted_embeddings(n, 64, groups, threshold, seed)
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    index = KnnIndex(metric="cosine", kind="ivf").fit(emb)
+    index = KnnIndex(metric="cosine", kind="ivf", nlist=nlist).fit(emb)
     index_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     found = group_embeddings(emb, threshold, index=index, nprobe=nprobe)
@@ -117,6 +119,7 @@ def scale_part(n: int, groups: int, threshold: float, seed: int, nprobe: int | N
         "index_s": round(index_s, 1),
         "group_s": round(group_s, 1),
         "total_s": round(index_s + group_s, 1),
+        "cpu_s": round(time.process_time(), 1),
         "peak_rss_mb": round(peak_rss_mb()),
     }
 
@@ -240,6 +243,7 @@ def main() -> None:
     p.add_argument(
         "--nprobe", type=int, default=None, help="scale: IVF partitions searched (default the index's)"
     )
+    p.add_argument("--nlist", type=int, default=None, help="scale: IVF partitions (default 4 sqrt(N))")
     p.add_argument(
         "--work", type=Path, default=Path("/tmp/imgsim-bench-duplicates"), help="photos: working folder"
     )
@@ -252,7 +256,7 @@ def main() -> None:
     a = p.parse_args()
     results = []
     if a.part in ("scale", "both"):
-        results.append(scale_part(a.n, a.groups, a.threshold, a.seed, a.nprobe))
+        results.append(scale_part(a.n, a.groups, a.threshold, a.seed, a.nprobe, a.nlist))
         print(json.dumps(results[-1]), flush=True)
     if a.part in ("photos", "both"):
         results.append(photos_part(a.work, a.share, a.seed, a.model, a.epochs))

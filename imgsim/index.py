@@ -14,6 +14,10 @@ Kinds:
   (default 4·sqrt(N)); a query scans only its `nprobe` nearest partitions.
 - auto: ivf from `ivf_threshold` vectors up, exact below.
 
+`range_search(q, max_distance)` returns every indexed item within a distance (faiss range search,
+in chunks of queries, nearest first, optionally capped per query): what duplicate finding uses
+instead of an N x N matrix (`imgsim.duplicates`).
+
 The original design searched only within the query's predicted cluster: `search_within`. It is exact
 inside the cluster but misses neighbours across a cluster boundary; bench/search.py measures that
 recall cost against exact search.

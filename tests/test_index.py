@@ -244,3 +244,28 @@ def test_set_threads() -> None:
         assert index_lib.set_threads(1) == 1
     finally:
         index_lib.set_threads(before)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_range_search_finds_everything_within_the_distance(metric: str, kind: str) -> None:
+    from imgsim.index import cross_distances
+
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((600, 8)).astype(np.float32)
+    index = KnnIndex(metric=metric, kind=kind, nlist=8, nprobe=8).fit(emb)
+    q = emb[:40] + 0.05 * rng.standard_normal((40, 8)).astype(np.float32)
+    full = cross_distances(q, emb, metric)
+    limit = float(np.quantile(full, 0.02))
+    lims, dist, ids = index.range_search(q, limit, chunk=7)  # several faiss calls
+    assert len(lims) == 41 and lims[-1] == len(ids) == len(dist)
+    for i in range(40):
+        got, d = ids[lims[i] : lims[i + 1]], dist[lims[i] : lims[i + 1]]
+        assert set(got.tolist()) == set(np.flatnonzero(full[i] <= limit).tolist())
+        assert np.all(np.diff(d) >= 0)  # nearest first
+        np.testing.assert_allclose(d, full[i, got], atol=1e-4)
+    lims3, _, ids3 = index.range_search(q, limit, max_results=3)
+    assert np.all(np.diff(lims3) <= 3)
+    assert ids3[lims3[0] : lims3[1]].tolist() == ids[lims[0] : lims[0] + min(3, lims[1] - lims[0])].tolist()
+    with pytest.raises(ValueError):
+        index.range_search(q, -1.0)
