@@ -61,6 +61,10 @@ TARGET_PHOTO_GPU_UTIL = 70.0
 #: The sources whose hash says whether a carried imgsim wheel is this tree's code.
 SOURCE_GLOBS = ("imgsim/**/*.py", "pipelines/**/*.py", "serve/**/*.py", "serve/static/*", "serve/config.yaml")
 
+#: Both ranks of the shared-GPU stages are on this machine: gloo over the loopback interface, so that
+#: it does not depend on how the machine's host name resolves.
+LOOPBACK_GLOO = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+
 EPOCH_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+) (step|done)")
 EMBED_SUMMARY = re.compile(r"\[index\] (\d+) images in ([\d.]+) s \((\d+)/s\)")
 
@@ -348,6 +352,8 @@ class Check:
             RAY_USAGE_STATS_ENABLED="0",
             RAY_DEDUP_LOGS="0",  # every worker's progress line reaches the log
             TQDM_DISABLE=env.get("TQDM_DISABLE", "1"),
+            # as imgsim gives its Ray workers (pipelines/runtime.py), so the probes' CPU figures compare
+            OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"),
         )
         return env
 
@@ -367,10 +373,14 @@ class Check:
         """This file as a script (probes, the shared-GPU training shim)."""
         return [sys.executable, str(Path(__file__).resolve()), *args]
 
-    def run(self, stage: str, cmd: Sequence[str], timeout_s: float) -> Result:
+    def run(
+        self, stage: str, cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+    ) -> Result:
         self.log.write(f"==== {stage} ====", echo=True)
         # cwd outside the repository: the commands import imgsim as installed (PYTHONPATH/site-packages)
-        return run_command(cmd, self.log, min(timeout_s, max(5.0, self.remaining())), self.work, self.env)
+        return run_command(
+            cmd, self.log, min(timeout_s, max(5.0, self.remaining())), self.work, {**self.env, **(env or {})}
+        )
 
     def stage_record(self, res: Result, window: tuple[float, float] | None = None) -> dict[str, Any]:
         rec: dict[str, Any] = {
@@ -443,7 +453,7 @@ class Check:
             )
         else:
             cmd = self.imgsim(*args)
-        res = self.run(stage, cmd, timeout_s)
+        res = self.run(stage, cmd, timeout_s, env=LOOPBACK_GLOO if shared_gpu is not None else None)
         epochs_seen = res.times_of(EPOCH_LINE)
         window = (epochs_seen[0][0], epochs_seen[-1][0]) if len(epochs_seen) >= 2 else None
         rec = {**self.stage_record(res, window), "device": "cuda" if gpu and self.cuda else "cpu",
@@ -498,8 +508,8 @@ class Check:
                 }
             extra = ["--arch", self.args.arch, *extra]
         extra += shlex.split(self.args.photo_args)
-        rec = self.train("train_photo", "run-photo", gpu=True, batch_size=self.args.photo_batch_size, epochs=1,
-                         extra=extra, timeout_s=240)  # fmt: skip
+        rec = self.train("train_photo", "run-photo", gpu=True, batch_size=self.args.photo_batch_size,
+                         epochs=1 if self.args.quick else 2, extra=extra, timeout_s=240)  # fmt: skip
         rec["model"] = self.args.arch or "default model at 96x96 RGB (stand-in: no --arch given)"
         return rec
 
@@ -552,9 +562,8 @@ class Check:
         return {**self.stage_record(res), "metrics": res.json()}
 
     def stage_probe_shared_gpu(self) -> dict[str, Any]:
-        res = self.run(
-            "probe_shared_gpu", self.helper("--probe", "shared", "--device", self.args.device), 120
-        )
+        cmd = self.helper("--probe", "shared", "--device", self.args.device)
+        res = self.run("probe_shared_gpu", cmd, 120, env=LOOPBACK_GLOO)
         return {**self.stage_record(res), **(res.json() or {})}
 
     # -- driver -----------------------------------------------------------------------------------
@@ -1010,7 +1019,11 @@ def probe_shared(device: str) -> dict[str, Any]:
             if p.is_alive():
                 p.kill()
         ok = len(results) == 2 and all(r["status"] == "ok" for r in results.values())
-        found[backend] = {"works_with_two_ranks_on_one_device": ok, "ranks": results or "no answer (hung)"}
+        found[backend] = {
+            "works_with_two_ranks_on_one_device": ok,
+            "ranks": results or "no answer",
+            "exit_codes": [p.exitcode for p in procs],  # NCCL may abort a process rather than raise
+        }
     return {"device": device, "backends": found}
 
 

@@ -86,6 +86,11 @@ print(f"ray {ray.__version__}, faiss {faiss.__version__}, torch {torch.__version
       f"(CUDA {torch.version.cuda}, available {torch.cuda.is_available()}), imgsim from {imgsim.__file__}; "
       f"{time.time() - t:.1f} s")
 EOF
+if $PY -c "import ray.serve, serve.app" >/dev/null 2>&1; then
+  step "ray.serve and imgsim's Serve app import too"
+else
+  step "ray.serve or imgsim's Serve app does not import here (the check does not serve)"
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 left=$((LIMIT - ($(date +%s) - started)))

@@ -8,7 +8,8 @@
 #   1. download (pip, --no-deps, for that Python and manylinux x86_64) the pinned versions from
 #      requirements.lock of what the machine lacks: Ray, faiss-cpu, and Ray's needs beyond the
 #      machine's packages (jsonschema & co., pydantic & co. for Ray Train, tensorboardX; fastapi,
-#      starlette, uvicorn, python-multipart for Ray Serve and imgsim's app);
+#      starlette, uvicorn, python-multipart, opentelemetry-api, grpcio-reflection so that ray.serve
+#      and imgsim's app import too, though the check does not serve);
 #   2. install them into one tree (pip --target, no compile) and slim it: drop Ray's Java jar
 #      (32 MB packed), the dashboard's web client, RLlib and Ray LLM, and strip the symbols from
 #      Ray's three native binaries (_raylet.so, raylet, gcs_server: 120 MB -> 84 MB);
@@ -49,7 +50,7 @@ PACKAGES=(
   jsonschema jsonschema-specifications referencing rpds-py
   pydantic pydantic-core annotated-types typing-inspection typing-extensions
   tensorboardx
-  fastapi starlette python-multipart uvicorn
+  fastapi starlette python-multipart uvicorn opentelemetry-api grpcio-reflection
 )
 # Slimming: paths under the install tree that the check (and imgsim) never use.
 DROP=(
