@@ -12,6 +12,10 @@
 # check, default 560). Arguments come after this script's own `--device cuda --time-limit`, so they
 # win: `--device cpu --quick` rehearses the whole thing on a machine without a GPU.
 set -uo pipefail
+
+# All in one function: bash reads a script as it runs, so an edit to this file during a run would
+# otherwise change what the rest of the run executes.
+main() {
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
@@ -27,12 +31,12 @@ PYV=$($PY -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 SITE_TAR=$GPU_DIR/site-py$PYV.tar.xz
 if [ ! -f "$SITE_TAR" ]; then
   step "no $SITE_TAR: run 'bench/gpu_wheels.sh --python $PYV' in this checkout and carry $GPU_DIR"
-  exit 2
+  return 2
 fi
 
 step "unpacking $SITE_TAR into $SITE"
 rm -rf "$SITE"
-$PY - "$SITE_TAR" "$SITE" <<'EOF' || exit 3
+$PY - "$SITE_TAR" "$SITE" <<'EOF' || return 3
 import sys, tarfile, time
 t = time.time()
 with tarfile.open(sys.argv[1], "r:xz") as tf:
@@ -49,7 +53,7 @@ tree_hash=$($PY bench/gpu_check.py --source-hash)
 wheel=$(ls "$GPU_DIR"/imgsim-*.whl 2>/dev/null | head -1)
 if [ -n "$wheel" ] && [ "$(cat "$GPU_DIR"/imgsim-source.sha256 2>/dev/null)" = "$tree_hash" ]; then
   step "installing $wheel"
-  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" || exit 3
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$wheel" || return 3
   export PYTHONPATH=$SITE
   export IMGSIM_WHEEL_SOURCE_HASH=$tree_hash
 else
@@ -61,7 +65,7 @@ fi
 if [ -d "$GPU_DIR"/fashion-mnist ]; then
   cache=${XDG_CACHE_HOME:-$HOME/.cache}/imgsim/fashion-mnist
   step "Fashion-MNIST into $cache"
-  $PY - "$GPU_DIR"/fashion-mnist "$cache" <<'EOF' || exit 3
+  $PY - "$GPU_DIR"/fashion-mnist "$cache" <<'EOF' || return 3
 import gzip, lzma, os, shutil, sys, time
 from pathlib import Path
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
@@ -77,7 +81,8 @@ EOF
 fi
 
 step "checking the imports"
-$PY - <<'EOF' || { step "imports failed: see above"; exit 4; }
+# (from / so that the current directory does not put the tree's imgsim first)
+(cd / && $PY -) <<'EOF' || { step "imports failed: see above"; return 4; }
 import time
 t = time.time()
 import faiss, ray, ray.data, ray.train, ray.train.torch, torch
@@ -86,7 +91,7 @@ print(f"ray {ray.__version__}, faiss {faiss.__version__}, torch {torch.__version
       f"(CUDA {torch.version.cuda}, available {torch.cuda.is_available()}), imgsim from {imgsim.__file__}; "
       f"{time.time() - t:.1f} s")
 EOF
-if $PY -c "import ray.serve, serve.app" >/dev/null 2>&1; then
+if (cd / && $PY -c "import ray.serve, serve.app") >/dev/null 2>&1; then
   step "ray.serve and imgsim's Serve app import too"
 else
   step "ray.serve or imgsim's Serve app does not import here (the check does not serve)"
@@ -104,4 +109,8 @@ if [ "$rc" != 0 ] && [ -d /tmp/ray ]; then
   [ "$(stat -c %s "$OUT/ray-logs.tgz" 2>/dev/null || echo 0)" -lt $((15 * 1024 * 1024)) ] || rm -f "$OUT/ray-logs.tgz"
 fi
 step "exit $rc after $(($(date +%s) - started)) s; report in $OUT/gpu_check.json"
-exit $rc
+return $rc
+}
+
+main "$@"
+exit $?

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_check
+from bench import gpu_check, gpu_probes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_shared_gpu_shim_asks_for_a_fraction_of_a_gpu_and_gloo(monkeypatch: pyte
     made = {}
     monkeypatch.setattr(train_mod, "TorchTrainer", lambda *a, **kw: made.update(kw) or "trainer")
     monkeypatch.setattr(train_mod, "ScalingConfig", train_mod.ScalingConfig)
-    gpu_check.patch_train_module(0.5, "gloo")
+    gpu_probes.patch_train_module(0.5, "gloo")
 
     gpu = train_mod.ScalingConfig(num_workers=2, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
     assert gpu.num_gpus_per_worker == 0.5 and gpu.num_cpus_per_worker == 1
