@@ -525,11 +525,23 @@ class Check:
 
     def index(self, stage: str, run: str, *, gpu: bool) -> dict[str, Any]:
         run_dir = self.work / run
+        model_from = "run-gpu"
         if not (run_dir / "model").is_dir():
-            trained = self.work / "run-gpu" / "model"
-            if not trained.is_dir():
-                return {"status": "skipped", "reason": "no trained model (train_gpu did not finish)"}
-            shutil.copytree(trained, run_dir / "model")
+            # train_gpu's model; if it failed, another stage's; else an untrained one, so that the
+            # embedding path (and faiss) is still exercised on the GPU (its P@10 then means nothing)
+            trained = [
+                self.work / r / "model"
+                for r in ("run-gpu", "run-gpu-large-batch", "run-gpu-shared", "run-cpu")
+            ]
+            found = next((m for m in trained if m.is_dir()), None)
+            if found:
+                model_from = found.parent.name
+                shutil.copytree(found, run_dir / "model")
+            else:
+                model_from = "untrained (no training stage finished)"
+                res = self.run(f"{stage} (untrained model)", self.helper("init-model", str(run_dir)), 120)
+                if res.rc != 0:
+                    return {**self.stage_record(res), "status": "failed", "model": model_from}
         cpus = os.cpu_count() or 1
         concurrency = 1 if gpu and self.cuda else max(1, min(cpus - 1, 15))
         args = ["index", str(self.data / "train"), "--model", str(run_dir), "--clusters", "10", "--json",
@@ -540,6 +552,7 @@ class Check:
             **self.stage_record(res),
             "device": "cuda" if gpu and self.cuda else "cpu",
             "concurrency": concurrency,
+            "model": model_from,
         }
         summary = res.json()
         if summary:

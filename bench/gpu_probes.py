@@ -6,6 +6,7 @@
     python bench/gpu_probes.py shared --device cuda             two ranks on one GPU, NCCL and gloo
     python bench/gpu_probes.py train-shim --gpus-per-worker 0.5 --backend gloo -- train DATA ...
                                                                  `imgsim train` with both set
+    python bench/gpu_probes.py init-model RUN                   an untrained model, for the index stages
 
 A process of their own: a probe's CUDA context and memory go when it exits, before the next stage.
 They import imgsim as installed (the check runs them outside the repository), like the CLI it drives.
@@ -279,9 +280,19 @@ def patch_train_module(gpus_per_worker: float, backend: str) -> None:
     train_mod.ScalingConfig, train_mod.TorchTrainer = scaling_config, torch_trainer
 
 
+def init_model(run: str) -> dict[str, Any]:
+    """Save an untrained default model as RUN's model (index stages without a trained one)."""
+    from imgsim import model as model_lib
+    from imgsim.model import AutoEncoder, ModelConfig
+
+    path = model_lib.save(AutoEncoder(ModelConfig()), run, extra={"untrained": True})
+    return {"model": str(path)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=["machine", "kernels", "shared", "train-shim"])
+    p.add_argument("probe", choices=["machine", "kernels", "shared", "train-shim", "init-model"])
+    p.add_argument("run", nargs="?", help="init-model: the run directory")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument(
         "--configs", default="[]", help="kernels: JSON list of {name, batch_size, image_size, channels, arch}"
@@ -300,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": lambda: probe_machine(a.device),
         "kernels": lambda: probe_kernels(a.device, json.loads(a.configs), a.seconds),
         "shared": lambda: probe_shared(a.device),
+        "init-model": lambda: init_model(a.run),
     }
     print(json.dumps(probes[a.probe](), default=str), flush=True)
     return 0
