@@ -378,6 +378,9 @@ class Check:
     def run(
         self, stage: str, cmd: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
     ) -> Result:
+        """Run one command of a stage; `timeout_s` is for the GPU machine (x3 in quick mode, which
+        runs on small shared machines where one command can take minutes)."""
+        timeout_s *= 3 if self.args.quick else 1
         self.log.write(f"==== {stage} ====", echo=True)
         # cwd outside the repository: the commands import imgsim as installed (PYTHONPATH/site-packages)
         return run_command(
@@ -842,7 +845,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data", help="a Fashion-MNIST-like folder with train/ and test/ (default: imgsim dataset)"
     )
     p.add_argument("--limit", type=int, help="images per split written by `imgsim dataset` (default: all)")
-    p.add_argument("--time-limit", type=float, help="seconds for all stages (default 480; quick 900)")
+    p.add_argument("--time-limit", type=float, help="seconds for all stages (default 480; quick 1800)")
     p.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
     p.add_argument("--epochs", type=int, help="train_gpu epochs (default 2; quick 1)")
     p.add_argument("--batch-size", type=int, help="train_gpu batch (default imgsim's 256; quick 64)")
@@ -857,7 +860,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source-hash", action="store_true", help="print the imgsim source hash and exit")
     a = p.parse_args(argv)
     q = a.quick
-    defaults = {"time_limit": 900.0 if q else 480.0, "epochs": 1 if q else 2, "batch_size": 64 if q else 256,
+    defaults = {"time_limit": 1800.0 if q else 480.0, "epochs": 1 if q else 2, "batch_size": 64 if q else 256,
                 "large_batch_size": 128 if q else 1024, "photo_image_size": 48 if q else 96,
                 "photo_batch_size": 64 if q else 512, "limit": 2000 if q and not a.data else None}  # fmt: skip
     for k, v in defaults.items():

@@ -122,7 +122,7 @@ def test_scripts_parse() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2600)
 def test_quick_cpu_check_runs_every_stage_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -135,11 +135,11 @@ def test_quick_cpu_check_runs_every_stage_and_writes_the_report(tmp_path: Path) 
         text=True,
     )
     try:
-        stdout, stderr = proc.communicate(timeout=1380)
+        stdout, stderr = proc.communicate(timeout=2400)
     except subprocess.TimeoutExpired:
         proc.terminate()  # the check then stops its running command (and that command's Ray)
         stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail("the quick check took over 23 minutes:\n" + stderr[-3000:])
+        pytest.fail("the quick check took over 40 minutes:\n" + stderr[-3000:])
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert (out / "gpu_check.log").stat().st_size > 0 and (out / "gpu_samples.csv").is_file()
