@@ -61,6 +61,12 @@ else
   export PYTHONPATH=$SITE:$PWD
 fi
 
+# Byte-compile the unpacked tree once (all cores): otherwise the first `ray.init` compiles Ray's
+# modules in the driver and in each agent at once, and the raylet gives its agents 15 s to start
+# (on the loaded 2-core rehearsal machine it gave up: "Check failed" in node_manager.cc).
+step "byte-compiling $SITE"
+$PY -m compileall -q -j 0 "$SITE" >/dev/null 2>&1 || true
+
 # Fashion-MNIST: the carried .xz files, as the .gz files `imgsim dataset` looks for in its cache
 if [ -d "$GPU_DIR"/fashion-mnist ]; then
   cache=${XDG_CACHE_HOME:-$HOME/.cache}/imgsim/fashion-mnist
