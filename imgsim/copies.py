@@ -38,13 +38,14 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from imgsim.config import DEFAULTS
 from imgsim.decode import DecodeError, open_image, prepare_image
 from imgsim.edits import EDITS, HELD_OUT_EDITS, TRAINED_EDITS, apply_edit, edits_table
+from imgsim.encoders import Encoder
 from imgsim.index import KnnIndex, pair_distances
 from imgsim.sources import read_bytes
 
@@ -56,14 +57,6 @@ DEFAULT_EDITS: tuple[str, ...] = TRAINED_EDITS + HELD_OUT_EDITS
 
 #: One chunk of work: (image id, path) of each original.
 Chunk = list[tuple[int, str]]
-
-
-class Encoder(Protocol):
-    """What copy evaluation needs of a model: its preprocessing settings and `embed`."""
-
-    config: Any  # .image_size, .channels
-
-    def embed(self, images: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass

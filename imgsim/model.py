@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgsim import encoders
 from imgsim.atomic import atomic_write_bytes, atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
@@ -180,11 +181,21 @@ def save(model: AutoEncoder, run_dir: str | os.PathLike[str], extra: dict | None
     return path
 
 
-def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> AutoEncoder:
-    """Load a trained model (no Ray needed), in eval mode, with `.config` and `.fingerprint`."""
+def _no_model(path: Path, run_dir: str | os.PathLike[str]) -> RunNotFound:
+    return RunNotFound(
+        f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` "
+        f"(or `imgsim import-encoder MODEL_FILE --out {run_dir}`) first"
+    )
+
+
+def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encoder:
+    """Load RUN's model (no Ray needed), in eval mode, with `.config` and `.fingerprint`: the trained
+    AutoEncoder, or the encoder `imgsim import-encoder` stored (`imgsim.encoders`)."""
     path = _model_path(run_dir)
+    if not path.is_file() and encoders.is_imported(path.parent.parent):
+        return encoders.load(path.parent.parent, device=device)
     if not path.is_file():
-        raise RunNotFound(f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` first")
+        raise _no_model(path, run_dir)
     data = path.read_bytes()
     payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     model = AutoEncoder(ModelConfig.from_dict(payload["config"]))
@@ -197,13 +208,17 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> AutoEncoder:
 def fingerprint(run_dir: str | os.PathLike[str]) -> str:
     """A short hash of the saved model file: changes whenever the weights or config change."""
     path = _model_path(run_dir)
+    if not path.is_file() and encoders.is_imported(path.parent.parent):
+        return encoders.fingerprint(path.parent.parent)
     if not path.is_file():
-        raise RunNotFound(f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` first")
+        raise _no_model(path, run_dir)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def describe(model: AutoEncoder) -> str:
-    """One line: architecture size, for logs."""
+def describe(model: encoders.Encoder) -> str:
+    """One line: architecture size, for logs (an imported encoder describes itself)."""
+    if not isinstance(model, AutoEncoder):
+        return model.describe()  # type: ignore[attr-defined]
     n = sum(p.numel() for p in model.parameters())
     return f"AutoEncoder({json.dumps(model.config.to_dict())}, {n:,} parameters)"
 

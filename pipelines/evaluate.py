@@ -83,8 +83,10 @@ def _copy_chunk(
 ) -> copies_lib.CopyEmbeddings:
     from imgsim.runs import RunPaths
 
-    model_file = RunPaths(run).model_file
-    mtime_ns = model_file.stat().st_mtime_ns if model_file.exists() else 0
+    model_dir = RunPaths(run).model_dir  # trained or imported: a newer file means another model
+    mtime_ns = (
+        max((p.stat().st_mtime_ns for p in model_dir.iterdir()), default=0) if model_dir.is_dir() else 0
+    )
     return copies_lib.embed_copies_chunk(_worker_model(run, mtime_ns), chunk, edits, seed)
 
 

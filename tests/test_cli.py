@@ -9,7 +9,18 @@ import pytest
 
 from imgsim.cli import build_parser, main
 
-CONTRACT_COMMANDS = ["dataset", "train", "index", "query", "eval", "tsne", "serve", "demo", "duplicates"]
+CONTRACT_COMMANDS = [
+    "dataset",
+    "train",
+    "index",
+    "query",
+    "eval",
+    "tsne",
+    "serve",
+    "import-encoder",
+    "demo",
+    "duplicates",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,6 +53,7 @@ CONTRACT_FLAGS = {
     "duplicates": ["--model", "--threshold", "--precision", "--out", "--json"],
     "tsne": ["--model", "--out"],
     "serve": ["--model", "--host", "--port", "--replicas"],
+    "import-encoder": ["--out", "--image-size", "--channels", "--mean", "--std"],
     "demo": ["--work"],
 }
 

@@ -90,6 +90,33 @@ def test_mirror_invariant_encoder_finds_mirrored_copies_where_raw_pixels_do_not(
     assert raw_report["per_edit"]["mirror"]["precision_at_1"] <= 0.1
 
 
+@pytest.mark.parametrize("mirror_invariant", [True, False])
+def test_an_imported_encoder_is_evaluated_like_a_trained_one(
+    mirror_invariant: bool, tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`imgsim import-encoder` with a TorchScript encoder (tests/encoders.py), then index and eval --copies:
+    the mirror-invariant one finds every mirrored copy, the same encoder without the invariance does not."""
+    from encoders import export_toy_encoder
+
+    from pipelines.build_index import build_index
+
+    data = tmp_path / "data"
+    write_mirror_collection(data)
+    file = export_toy_encoder(
+        tmp_path / "toy.pt", "torchscript", mirror_invariant=mirror_invariant, image_size=SIDE
+    )
+    run = tmp_path / "run"
+    assert (
+        main(["import-encoder", str(file), "--out", str(run), "--image-size", str(SIDE), "--channels", "1"])
+        == 0
+    )
+    capsys.readouterr()
+    build_index(str(data), str(run), clusters=2)
+    report = _eval_json(run, capsys, "--copies", str(2 * PAIRS), "--edits", "mirror")
+    mirrored = report["per_edit"]["mirror"]["precision_at_1"]
+    assert mirrored == 1.0 if mirror_invariant else mirrored <= 0.5
+
+
 def test_report_fields_and_same_seed_same_result(
     mirror_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
