@@ -111,13 +111,16 @@ def ray_runner(run: str) -> copies_lib.ChunkRunner:
     return run_chunks
 
 
+def on_ray(work: int, use_ray: bool | None = None) -> bool:
+    """Whether `work` copies are made as Ray tasks: above IN_PROCESS_MAX_COPIES, unless `use_ray` says."""
+    return use_ray if use_ray is not None else work > IN_PROCESS_MAX_COPIES
+
+
 def copy_runner(
     run: str, searcher: Searcher, work: int, use_ray: bool | None = None
 ) -> copies_lib.ChunkRunner:
     """Ray tasks for more than IN_PROCESS_MAX_COPIES copies (or when `use_ray`), else in-process."""
-    if use_ray if use_ray is not None else work > IN_PROCESS_MAX_COPIES:
-        return ray_runner(run)
-    return copies_lib.in_process(searcher.model)
+    return ray_runner(run) if on_ray(work, use_ray) else copies_lib.in_process(searcher.model)
 
 
 def index_columns(run: str) -> tuple[np.ndarray, list[str], list[str | None] | None]:
@@ -148,14 +151,28 @@ def evaluate_copies_run(
     db_emb, paths, hashes = index_columns(run)
     n = min(copies, len(paths))
     runner = copy_runner(run, searcher, n * len(edits), use_ray)
+    loaded = time.perf_counter()
+    made: list[float] = []
+
+    def timed(
+        chunks: list[copies_lib.Chunk], edits: tuple[str, ...], seed: int
+    ) -> Iterator[copies_lib.CopyEmbeddings]:
+        yield from runner(chunks, edits, seed)
+        made.append(time.perf_counter())
+
     with bar(n, desc="copies", unit="img") as progress:
         report = copies_lib.evaluate_copies(
             searcher.model, searcher.index, db_emb, paths, hashes, copies=copies, seed=seed, k=k,
-            precision=precision, edits=edits, runner=runner, on_chunk=progress.update,
+            precision=precision, edits=edits, runner=timed, on_chunk=progress.update,
         )  # fmt: skip
-    seconds = time.perf_counter() - started
+    done = time.perf_counter()
     queries = report["queries"] + report["held_out"]["queries"]
-    log(f"[eval] {queries} copies of {report['copies']} images queried {len(paths)} in {seconds:.1f} s")
+    log(
+        f"[eval] {queries} copies of {report['copies']} images queried {len(paths)} in {done - started:.1f} s: "
+        f"load {loaded - started:.1f} s, copies read, edited, decoded and embedded {made[0] - loaded:.1f} s "
+        f"({'Ray tasks' if on_ray(n * len(edits), use_ray) else 'in-process'}), search and scoring "
+        f"{done - made[0]:.1f} s"
+    )
     return report
 
 
