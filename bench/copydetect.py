@@ -343,7 +343,7 @@ def main() -> None:
     )
     p.add_argument("--train-gradients", action="store_true", help="also train on main+gradients for that set")
     p.add_argument("--label", default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is far faster on a shared, busy machine")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     sets = tuple(a.sets.split(","))

@@ -25,7 +25,7 @@ def train(
     steps: int | None = None,
     minutes: float | None = None,
     seed: int = 0,
-    log_every: int = 200,
+    log_every: int = 50,
     fit_images: torch.Tensor | None = None,
 ) -> tuple[AutoEncoder, dict]:
     """Train on uint8 (N, C, T, T) images (T = recipe.train_image_size(config)); return model and stats.

@@ -75,8 +75,6 @@ class CopyAugment:
             out = (out - mean) * u(1 - self.contrast, 1 + self.contrast, 1, 1, 1) + mean
             luma = greyscale(out)
             out = (out - luma) * u(1 - self.saturation, 1 + self.saturation, 1, 1, 1) + luma
-            grey = coin(self.p_greyscale).view(n, 1, 1, 1)
-            out = torch.where(grey, greyscale(out).expand_as(out), out)
         else:
             mean = out.mean(dim=(2, 3), keepdim=True)
             out = (out - mean) * u(1 - self.contrast, 1 + self.contrast, 1, 1, 1) + mean
@@ -92,4 +90,7 @@ class CopyAugment:
             out = torch.where(pick, blurred, out)
         if self.noise > 0:
             out = out + torch.randn_like(out) * u(0, self.noise, 1, 1, 1)
+        if c == 3:  # last, so that a greyscale view has exactly equal channels, like a greyscale copy
+            grey = coin(self.p_greyscale).view(n, 1, 1, 1)
+            out = torch.where(grey, greyscale(out).expand_as(out), out)
         return out.clamp(0, 1)

@@ -145,7 +145,7 @@ RECIPES: dict[str, Recipe] = {
         recon_weight=1.0,
         nce_weight=1.0,
         temperature=0.1,
-        augment=CopyAugment(),
+        augment=CopyAugment(p_greyscale=0.5),
         decode_scale=1.25,
         lr=2e-3,
         batch_size=128,
