@@ -149,7 +149,9 @@ RECIPES: dict[str, Recipe] = {
         decode_scale=1.25,
         lr=2e-3,
         batch_size=128,
-        steps=2000,
+        # ~9-10 minutes for the default resnet at 64 px on 2 idle cores (104 img/s per CPU-second,
+        # two views per image: bench/copydetect.py, docs/quality.md)
+        steps=800,
     ),
 }
 
@@ -178,6 +180,8 @@ class Choice:
     widths: tuple[int, ...]
     recon_size: int
     proj_dim: int
+    steps: int
+    batch_size: int
     reason: str
 
     def model_config(self, **overrides: Any) -> ModelConfig:
@@ -239,8 +243,23 @@ def choose(
     if flags:
         why += f"; overridden by {' '.join(flags)}"
     if chosen_arch == "resnet":
-        widths, dim, recon, proj = (32, 64, 128, 256), 128, 32, 64
+        # 16-128 channels: a third of the 32-256 net's CPU cost per image (104 vs 52 img per CPU-s)
+        widths, dim, recon, proj = ((32, 64, 128, 256) if use_gpu else (16, 32, 64, 128)), 128, 32, 64
     else:
         widths, dim, recon, proj = (32, 64, 128), 64, 0, 64
+    base = get_recipe(chosen_recipe)
+    steps = base.steps * (4 if use_gpu else 1)  # a GPU affords far more steps in the same minutes
     reason = f"{chosen_arch} {chosen_size} px, recipe {chosen_recipe}: {why}"
-    return Choice(chosen_arch, chosen_size, channels, chosen_recipe, dim, widths, recon, proj, reason)
+    return Choice(
+        chosen_arch,
+        chosen_size,
+        channels,
+        chosen_recipe,
+        dim,
+        widths,
+        recon,
+        proj,
+        steps,
+        base.batch_size,
+        reason,
+    )
