@@ -310,6 +310,10 @@ def run_recipe(a: argparse.Namespace, sets: tuple[str, ...]) -> dict[str, dict]:
                 images, config, recipe, steps=a.steps, minutes=a.minutes, seed=a.seed, fit_images=fit
             )
             print(f"[copydetect] {stats}", file=sys.stderr)
+            if a.save:
+                from imgsim import model as model_lib
+
+                model_lib.save(model, a.save / train_on, extra={"train": stats, "recipe": recipe.to_dict()})
             models[train_on] = (model, stats)
         model, stats = models[train_on]
         res = evaluate(model.embed, a.root, a.size, 3, eval_sets, seed=a.seed)
@@ -343,6 +347,7 @@ def main() -> None:
     )
     p.add_argument("--train-gradients", action="store_true", help="also train on main+gradients for that set")
     p.add_argument("--label", default=None)
+    p.add_argument("--save", type=Path, help="save each trained model as a run here (RUN/model/model.pt)")
     p.add_argument("--threads", type=int, default=1, help="1 is far faster on a shared, busy machine")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
