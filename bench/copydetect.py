@@ -331,6 +331,9 @@ def main() -> None:
     p.add_argument("--baselines-only", action="store_true")
     p.add_argument("--baseline-size", type=int, default=32, help="raw pixels at this size (and the model's)")
     p.add_argument("--run", action="append", default=[], help="a trained imgsim run to score (repeatable)")
+    p.add_argument(
+        "--also-symmetric", action="store_true", help="also score each run's mirror-symmetric embedding"
+    )
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--recipe", help="train in-process with this imgsim.recipes recipe on the main tiles")
@@ -368,9 +371,22 @@ def main() -> None:
 
         for run in a.run:
             m = model_lib.load(run)
-            rows[f"run {Path(run).name}"] = evaluate(
+            rows[f"run {run}"] = evaluate(
                 m.embed, a.root, m.config.image_size, m.config.channels, sets, seed=a.seed
             )
+            if a.also_symmetric and not m.config.mirror_symmetric:
+                from dataclasses import replace
+
+                m.config = replace(m.config, mirror_symmetric=True)
+                from imgsim.recipes import get_recipe
+
+                db = torch.from_numpy(originals(a.root, "main", m.config.image_size, m.config.channels))
+                get_recipe(m.config.recipe or "copy").fit_embedding(
+                    m, [db[i : i + 256] for i in range(0, len(db), 256)]
+                )
+                rows[f"run {run} mirror-symmetric"] = evaluate(
+                    m.embed, a.root, m.config.image_size, m.config.channels, sets, seed=a.seed
+                )
     print(table(rows))
     print()
     print(per_edit_table(rows))

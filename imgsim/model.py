@@ -59,6 +59,9 @@ class ModelConfig:
     blocks: int = 1  # "resnet": residual blocks per stage
     decoder_width: int = 64  # "resnet": channels of the decoder's first map (halved per upsampling)
     recipe: str = ""  # the training recipe's name (imgsim.recipes), for the record
+    # the search embedding averages the bottlenecks of the image and its mirror image: mirror
+    # invariance by construction, at twice the encoder's cost per indexed or query image
+    mirror_symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -260,6 +263,14 @@ class AutoEncoder(nn.Module):
         s = self.config.image_size
         return out[..., :s, :s]
 
+    def embedding_z(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck the search embedding is made of (mirror-averaged if `mirror_symmetric`),
+        for float images already passed through `to_float`; before centring/whitening."""
+        z = self.encode(x)
+        if self.config.mirror_symmetric:
+            z = (z + self.encode(x.flip(-1))) / 2
+        return z
+
     def forward(self, x: torch.Tensor) -> AutoEncoderOutput:
         z = self.encode(self.to_float(x))
         return AutoEncoderOutput(recon=self.decode(z), z=z, proj=self.projector(z))
@@ -277,7 +288,7 @@ class AutoEncoder(nn.Module):
         out = []
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size].to(device, non_blocking=True)
-            z = self.encode(self.to_float(x)).float()
+            z = self.embedding_z(self.to_float(x)).float()
             out.append(((z - self.emb_mean) @ self.emb_whiten).cpu())
         self.train(was_training)
         if not out:

@@ -122,7 +122,7 @@ def embedding_statistics(
         x = batch.to(device)
         if x.shape[-1] != ae.config.image_size:
             x = F.interpolate(ae.to_float(x), size=(ae.config.image_size,) * 2, mode="area")
-        z = ae.encode(ae.to_float(x)).double()
+        z = ae.embedding_z(ae.to_float(x)).double()
         total += z.sum(0)
         outer += z.t() @ z
         count += len(z)

@@ -150,3 +150,14 @@ def test_resnet_arch_shapes_and_round_trip(tmp_path: Path, size: int, channels: 
 def test_unknown_arch_is_refused() -> None:
     with pytest.raises(ValueError, match="choose from small, resnet"):
         ModelConfig(arch="vit")
+
+
+def test_mirror_symmetric_embedding_ignores_a_mirror() -> None:
+    config = ModelConfig(
+        image_size=32, channels=3, dim=8, widths=(8, 16), arch="resnet", mirror_symmetric=True
+    )
+    m = AutoEncoder(config)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    np.testing.assert_allclose(m.embed(x), m.embed(x.flip(-1)), atol=1e-5)
+    plain = AutoEncoder(ModelConfig(**{**config.to_dict(), "mirror_symmetric": False}))
+    assert not np.allclose(plain.embed(x), plain.embed(x.flip(-1)), atol=1e-3)
