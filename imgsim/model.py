@@ -419,6 +419,8 @@ def training_loss(
     views = torch.cat([augment(x), augment(x)]) if nce_weight > 0 else augment(x)
     out = model(views)
     clean = x[..., :s, :s]
+    if out.recon.shape[-1] != s:  # a decoder at a lower resolution ("resnet" with recon_size)
+        clean = F.interpolate(clean, size=tuple(out.recon.shape[-2:]), mode="area")
     rec_loss = F.mse_loss(out.recon, torch.cat([clean, clean]) if nce_weight > 0 else clean)
     if nce_weight <= 0:
         return rec_loss, {"recon": float(rec_loss.detach()), "nce": 0.0}
