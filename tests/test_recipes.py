@@ -134,4 +134,5 @@ def test_choose_picks_from_the_data_and_says_why() -> None:
     assert "--arch resnet" in forced.reason
     config = photos.model_config()
     assert config.arch == "resnet" and config.recipe == "copy" and config.channels == 3
+    assert config.mirror_symmetric and not small.model_config().mirror_symmetric
     assert set(RECIPES) >= {"denoise", "copy"}
