@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imgsim import console
 from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS
 from imgsim.errors import ImgsimError
 
@@ -32,7 +33,8 @@ index and plots. Typical use:
   imgsim eval --model runs/fm --queries data/fm/test
   imgsim serve --model runs/fm
 
-Set IMGSIM_DEBUG=1 to see full tracebacks.
+The console shows progress only; Ray's own driver and worker logs go to RUN/logs/<command>-<time>/
+(-v/--verbose or IMGSIM_LOG=debug shows them live). Set IMGSIM_DEBUG=1 to see full tracebacks.
 """
 
 
@@ -371,6 +373,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
         help="HTTP front end: 'haproxy' (HAProxy in front of the replicas: several times the throughput, "
         "docs/serving.md), 'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
     )
+    p.add_argument("--access-log", action="store_true", help="print a line per HTTP request")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -383,6 +386,7 @@ def run_serve(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         allow_private_urls=args.allow_private_urls,
         ingress=args.ingress,
+        access_log=args.access_log,
     )
     return 0
 
@@ -402,10 +406,21 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing(folder: str | None) -> str | None:
+    """`folder` if it is a local directory that exists (logs never create a mistyped run)."""
+    return folder if folder and "://" not in folder and os.path.isdir(folder) else None
+
+
+def _new_run(folder: str | None) -> str | None:
+    return folder if folder and "://" not in folder else None
+
+
 @dataclass(frozen=True)
 class Command:
-    """One `imgsim` command: its help, its argument builder, what it runs, and its pipeline module
-    (for `python -m pipelines.X`, which takes the same arguments)."""
+    """One `imgsim` command: its help, its argument builder, what it runs, its pipeline module
+    (for `python -m pipelines.X`, which takes the same arguments) and, for a command that runs Ray
+    jobs, the run directory whose `logs/` folder keeps Ray's logs (`run_dir(args)`; None: the run
+    does not exist yet, and the logs go to a temporary folder)."""
 
     name: str
     help: str
@@ -413,6 +428,7 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     module: str | None = None
+    run_dir: Callable[[argparse.Namespace], str | None] | None = None
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -433,6 +449,7 @@ COMMANDS: tuple[Command, ...] = (
         ingest_arguments,
         run_ingest,
         "pipelines.ingest",
+        run_dir=lambda a: None,
     ),
     Command(
         "train",
@@ -444,6 +461,7 @@ COMMANDS: tuple[Command, ...] = (
         train_arguments,
         run_train,
         "pipelines.train",
+        run_dir=lambda a: _new_run(a.out),
     ),
     Command(
         "index",
@@ -454,6 +472,7 @@ COMMANDS: tuple[Command, ...] = (
         index_arguments,
         run_index,
         "pipelines.build_index",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "embed",
@@ -463,6 +482,7 @@ COMMANDS: tuple[Command, ...] = (
         embed_arguments,
         run_embed,
         "pipelines.embed",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "query",
@@ -480,6 +500,7 @@ COMMANDS: tuple[Command, ...] = (
         eval_arguments,
         run_eval,
         "pipelines.evaluate",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "tsne",
@@ -496,6 +517,7 @@ COMMANDS: tuple[Command, ...] = (
         "web page at /. Set IMGSIM_API_KEY to require 'Authorization: Bearer <key>'.",
         serve_arguments,
         run_serve,
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "demo",
@@ -505,6 +527,7 @@ COMMANDS: tuple[Command, ...] = (
         demo_arguments,
         run_demo,
         "pipelines.demo",
+        run_dir=lambda a: _new_run(os.path.join(a.work, "run")),
     ),
 )
 
@@ -520,6 +543,19 @@ def _command_parser(command: Command, prog: str, **kwargs: Any) -> argparse.Argu
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         **kwargs,
     )
+
+
+def _add_arguments(p: argparse.ArgumentParser, command: Command) -> None:
+    """The command's own arguments, then those every command takes."""
+    command.arguments(p)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own driver and worker logs live (always kept in RUN/logs/); "
+        f"same as {console.LOG_ENV}=debug",
+    )
+    p.set_defaults(func=command.run, command=command.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,28 +576,66 @@ def build_parser() -> argparse.ArgumentParser:
             description=command.description,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        command.arguments(p)
-        p.set_defaults(func=command.run)
+        _add_arguments(p, command)
     return parser
 
 
+def _run_logs(args: argparse.Namespace) -> Any:
+    """Where a command that runs Ray jobs keeps Ray's logs (`imgsim.console.RunLogs`), or None for
+    commands without Ray, and when Ray already runs in this process (its host owns the console)."""
+    command = _command(args.command)
+    if command.run_dir is None:
+        return None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return None
+    from imgsim.runs import RunPaths
+
+    run = command.run_dir(args)
+    if run:
+        root = RunPaths(run).logs_dir
+    else:
+        import tempfile
+
+        root = os.path.join(tempfile.gettempdir(), "imgsim-logs")
+    return console.RunLogs(console.log_folder(root, command.name), **_live_filter(args))
+
+
+def _live_filter(args: argparse.Namespace) -> dict[str, Any]:
+    """`imgsim serve --access-log` shows the request lines of Ray's logs live, and only them."""
+    if getattr(args, "access_log", False) and not console.verbose():
+        return {"show_live": True, "live_filter": console.is_access_log_line}
+    return {}
+
+
 def _execute(args: argparse.Namespace) -> int:
-    """Run a parsed command; expected failures end in one line on stderr and exit status 1."""
+    """Run a parsed command; expected failures end in one line on stderr and exit status 1, naming
+    the folder of Ray's logs when Ray ran."""
+    if getattr(args, "verbose", False):
+        console.set_verbose(True)
+    logs = _run_logs(args)
     try:
-        return int(args.func(args) or 0)
+        if logs is None:
+            return int(args.func(args) or 0)
+        with logs:
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("imgsim: interrupted", file=sys.stderr)
+        _fail("interrupted", logs)
         return 130
     except ImgsimError as e:
-        print(f"imgsim: error: {e}", file=sys.stderr)
+        _fail(f"error: {e}", logs)
         return 1
     except Exception as e:  # anything unexpected still ends in one line, unless debugging
         if os.environ.get("IMGSIM_DEBUG"):
             raise
-        print(
-            f"imgsim: error: {type(e).__name__}: {e} (set IMGSIM_DEBUG=1 for the traceback)", file=sys.stderr
-        )
+        _fail(f"error: {type(e).__name__}: {e} (set IMGSIM_DEBUG=1 for the traceback)", logs)
         return 1
+
+
+def _fail(message: str, logs: Any) -> None:
+    """The failure's one line, last on stderr."""
+    where = f" — Ray's logs: {logs.where()}" if logs is not None and logs.used() else ""
+    print(f"imgsim: {message}{where}", file=console.stream(), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -578,8 +652,7 @@ def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """
     command = _command(name)
     parser = _command_parser(command, prog=f"python -m {command.module}")
-    command.arguments(parser)
-    parser.set_defaults(func=command.run)
+    _add_arguments(parser, command)
     return _execute(parser.parse_args(argv))
 
 

@@ -28,6 +28,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
 from imgsim.decode import DecodeError, decode_image_and_size, greyscale_bytes
+from imgsim.progress import stage
 from imgsim.rows import content_hash, error_reason, text_array
 from imgsim.sources import (
     FileTooLarge,
@@ -47,6 +48,14 @@ MAX_READ_BATCH = 2048
 MAX_INPUT_BLOCKS = 2000
 #: Parallel reads inside one task for S3 (latency-bound); local files are read one by one.
 S3_READ_THREADS = 8
+
+
+def list_inputs(root: str) -> list[ImageRef]:
+    """`list_images(root)`, shown as the "list" stage on the console."""
+    with stage(f"list {root}", unit="images") as p:
+        refs = list_images(root)
+        p.set(len(refs))
+    return refs
 
 
 def _read_one(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
@@ -233,7 +242,7 @@ def read_images(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
     )
 
 
@@ -287,7 +296,7 @@ def check_images(
     from imgsim.atomic import atomic_write_bytes
     from pipelines.runtime import ensure_ray
 
-    refs = list_images(data)
+    refs = list_inputs(data)
     channels = channels or detect_channels(refs)
     ensure_ray()
     started = time.perf_counter()
