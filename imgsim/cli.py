@@ -598,14 +598,9 @@ def _run_logs(args: argparse.Namespace) -> Any:
         import tempfile
 
         root = os.path.join(tempfile.gettempdir(), "imgsim-logs")
-    return console.RunLogs(console.log_folder(root, command.name), **_live_filter(args))
-
-
-def _live_filter(args: argparse.Namespace) -> dict[str, Any]:
-    """`imgsim serve --access-log` shows the request lines of Ray's logs live, and only them."""
-    if getattr(args, "access_log", False) and not console.verbose():
-        return {"show_live": True, "live_filter": console.is_access_log_line}
-    return {}
+    return console.RunLogs(
+        console.log_folder(root, command.name), access_log=getattr(args, "access_log", False)
+    )
 
 
 def _execute(args: argparse.Namespace) -> int:

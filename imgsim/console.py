@@ -7,7 +7,8 @@ output in the run's log folder.
   logs live on the console as well.
 - **RunLogs(folder)**: while a command that runs Ray jobs is running, this process's stderr (file
   descriptor 2, so Python warnings, Ray's Python loggers and its C++ core worker alike) goes to
-  `folder/driver.log`, and the console stays reachable through `stream()`. When Ray starts
+  `folder/driver.log`, and the console stays reachable through `stream()`; so does what Ray's own
+  threads print to stdout (stdout otherwise stays the user's: results). When Ray starts
   (`ray_started()`, called by whoever calls `ray.init`) the Ray session's log folder is linked as
   `folder/ray`, and replaced by a copy when the command ends; joining a running cluster,
   `folder/cluster.txt` says where the cluster keeps its workers' logs instead.
@@ -34,7 +35,10 @@ DRIVER_LOG = "driver.log"
 RAY_LOGS = "ray"
 CLUSTER_NOTE = "cluster.txt"
 
-_ACCESS_LOG = re.compile(r"\b(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /\S* [1-5][0-9][0-9]\b")
+_ACCESS_LOG = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.]\d+ .* -- ((?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) /\S* [1-5]\d\d .*)$"
+)
+SERVE_REPLICA_LOGS = "serve/replica_*.log"  # inside a Ray session's log folder
 
 _console: IO[str] | None = None  # the user's stderr while stderr goes to a log file
 _active: RunLogs | None = None
@@ -66,9 +70,10 @@ def is_terminal() -> bool:
         return False
 
 
-def is_access_log_line(line: str) -> bool:
-    """True for a Ray Serve access-log line ("GET /healthz 200 1.2ms")."""
-    return bool(_ACCESS_LOG.search(line))
+def access_log_line(line: str) -> str | None:
+    """A Ray Serve replica's access-log line as "<time> POST /search 200 18.9ms"; None for others."""
+    m = _ACCESS_LOG.search(line.strip())
+    return f"{m.group(1)} {m.group(2)}" if m else None
 
 
 def active_logs() -> RunLogs | None:
@@ -83,39 +88,80 @@ def ray_started() -> None:
 
 
 class _Follower(threading.Thread):
-    """Copies what is appended to a file onto the console as it arrives (`--verbose`); with
-    `only`, just the lines it accepts."""
+    """Copies what is appended to some files onto the console as it arrives. `files()` is asked
+    again at every poll (new files are followed from their start); with `transform`, only the
+    lines it turns into text are shown (`--access-log`), else everything as it is (`--verbose`)."""
 
-    def __init__(self, path: Path, out: IO[str], only: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        files: Callable[[], list[Path]],
+        out: IO[str],
+        transform: Callable[[str], str | None] | None = None,
+    ) -> None:
         super().__init__(name="imgsim-log-follower", daemon=True)
-        self.path, self.out, self.only = path, out, only
+        self.files, self.out, self.transform = files, out, transform
         self.stopping = threading.Event()
+        self.offsets: dict[Path, int] = {}
+        self.pending: dict[Path, bytes] = {}
 
     def run(self) -> None:
-        pending = b""
-        with open(self.path, "rb") as f:
-            while True:
-                stopping = self.stopping.is_set()
-                data = f.read()
-                if not data:
-                    if stopping:
-                        return
-                    time.sleep(0.1)
-                elif self.only is None:
-                    self._show(data)
-                else:
-                    *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
-                        if self.only(line.decode("utf-8", errors="replace")):
-                            self._show(line + b"\n")
+        while True:
+            stopping = self.stopping.is_set()
+            if not any([self._read(path) for path in self.files()]):
+                if stopping:
+                    return
+                time.sleep(0.1)
 
-    def _show(self, data: bytes) -> None:
-        self.out.write(data.decode("utf-8", errors="replace"))
+    def _read(self, path: Path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offsets.get(path, 0))
+                data = f.read()
+        except OSError:  # not there yet, or gone
+            return False
+        if not data:
+            return False
+        self.offsets[path] = self.offsets.get(path, 0) + len(data)
+        if self.transform is None:
+            self._show(data.decode("utf-8", errors="replace"))
+            return True
+        *lines, self.pending[path] = (self.pending.get(path, b"") + data).split(b"\n")
+        for line in lines:
+            text = self.transform(line.decode("utf-8", errors="replace"))
+            if text is not None:
+                self._show(text + "\n")
+        return True
+
+    def _show(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
 
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=5)
+
+
+class _RayThreadsToLog:
+    """`sys.stdout` while RunLogs is active: what Ray's own threads print there (names "ray_...":
+    forwarded worker output, the raylet's error messages, which Ray prints to stdout whatever
+    `log_to_driver` says) goes to the log; everything else to the real stdout, which keeps
+    results (`--json`) clean."""
+
+    def __init__(self, real: IO[str], log: IO[str]) -> None:
+        self.real, self.log = real, log
+
+    def _target(self) -> IO[str]:
+        return self.log if threading.current_thread().name.startswith("ray_") else self.real
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+        self.log.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 class RunLogs:
@@ -126,19 +172,17 @@ class RunLogs:
     """
 
     def __init__(
-        self,
-        folder: str | os.PathLike[str],
-        show_live: bool | None = None,
-        live_filter: Callable[[str], bool] | None = None,
+        self, folder: str | os.PathLike[str], show_live: bool | None = None, access_log: bool = False
     ) -> None:
         self.folder = Path(folder)
         self.show_live = verbose() if show_live is None else show_live
-        self.live_filter = live_filter
+        self.access_log = access_log and not self.show_live  # verbose shows them anyway
         self.session_logs: Path | None = None  # the Ray session's log folder, once Ray started
         self.local_ray = False  # Ray was started by this process (not a cluster it joined)
         self.ray_attached = False  # this process initialised Ray while these logs were active
         self._saved_fd: int | None = None
-        self._follower: _Follower | None = None
+        self._real_stdout: IO[str] | None = None
+        self._followers: list[_Follower] = []
 
     @property
     def driver_log(self) -> Path:
@@ -172,11 +216,18 @@ class RunLogs:
             log_fd = os.open(self.driver_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(log_fd, 2)
             os.close(log_fd)
+            self._real_stdout = sys.stdout
+            sys.stdout = _RayThreadsToLog(sys.stdout, sys.stderr)  # type: ignore[assignment]
             if self.show_live:
-                self._follower = _Follower(self.driver_log, _console, self.live_filter)
-                self._follower.start()
+                self._follow(lambda: [self.driver_log])
         _active = self
         return self
+
+    def _follow(self, files: Callable[[], list[Path]], transform: Any = None) -> None:
+        if _console is not None:
+            follower = _Follower(files, _console, transform)
+            follower.start()
+            self._followers.append(follower)
 
     def attach_ray(self) -> None:
         """Ray was just initialised by this process: link (local) or describe (cluster) its logs."""
@@ -191,6 +242,9 @@ class RunLogs:
         self.local_ray = bool(getattr(node, "head", False))
         if self.local_ray:
             _replace_with_link(self.ray_logs, self.session_logs)
+            if self.access_log:
+                session = self.session_logs
+                self._follow(lambda: sorted(session.glob(SERVE_REPLICA_LOGS)), access_log_line)
         else:
             self._write_cluster_note()
 
@@ -212,10 +266,12 @@ class RunLogs:
             self._shutdown_ray()
         finally:
             sys.stderr.flush()
+            if self._real_stdout is not None and isinstance(sys.stdout, _RayThreadsToLog):
+                sys.stdout = self._real_stdout
             if self._saved_fd is not None:
                 os.dup2(self._saved_fd, 2)
-            if self._follower is not None:
-                self._follower.stop()
+            for follower in self._followers:
+                follower.stop()
             if _console is not None:
                 _console.flush()
                 _console.close()

@@ -479,8 +479,8 @@ def run(
 
     `ingress` only names the HTTP front end in the start-up line: it is chosen by the environment
     the Ray processes start with (`serve.ingress.apply`, which `imgsim serve` calls). `access_log`:
-    a line per request, shown on the console (Serve's and Ray's other logs go to RUN/logs/ only,
-    unless `--verbose`: `imgsim.console`).
+    Serve logs a line per request (`imgsim serve --access-log` shows them on the console; Serve's
+    and Ray's other logs go to RUN/logs/ only, unless `--verbose`: `imgsim.console`).
 
     Starts a local Ray instance (Prometheus metrics on $IMGSIM_METRICS_PORT when set) unless
     RAY_ADDRESS names a cluster to join.
@@ -500,7 +500,7 @@ def run(
             ray.init(
                 address=os.environ.get("RAY_ADDRESS") or "local",
                 configure_logging=False,
-                log_to_driver=access_log or console.verbose(),
+                log_to_driver=console.verbose(),
                 _metrics_export_port=int(metrics_port) if metrics_port else None,
             )
             console.ray_started()
