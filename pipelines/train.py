@@ -33,7 +33,7 @@ from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError
 from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss
 from imgsim.plots import plot_loss
-from imgsim.progress import Progress, bar, log, stage
+from imgsim.progress import Progress, bar, debug, log, stage
 from imgsim.runs import RunPaths
 from imgsim.sources import ImageRef
 from pipelines.ingest import detect_channels, list_inputs, read_images
@@ -243,7 +243,7 @@ def _previous_state(paths: RunPaths, resume: bool) -> dict[str, Any] | None:
     if not resume:
         return None
     if not paths.train_state.is_file():
-        log(f"train: nothing to resume in {paths.root}; starting a new run")
+        debug(f"train: nothing to resume in {paths.root}; starting a new run")
         return None
     return json.loads(paths.train_state.read_text())
 
@@ -533,11 +533,14 @@ def _log_plan(
 ) -> None:
     if plan.resumed:
         log(f"train: resuming {paths.checkpoints_dir / plan.run_name}")
+    model = AutoEncoder(plan.model)
     log(
         f"train: {images:,} images, {plan.epochs} epoch{'s' if plan.epochs != 1 else ''} x "
         f"{plan.steps_per_epoch:,} steps, batch {plan.batch_size}, {workers} worker{'s' if workers != 1 else ''} "
-        f"on {'GPU' if use_gpu else 'CPU'}; {model_lib.describe(AutoEncoder(plan.model))}"
+        f"on {'GPU' if use_gpu else 'CPU'}; {plan.model.dim}-d embedding, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
+    debug(f"train: {model_lib.describe(model)}; checkpoints in {paths.checkpoints_dir / plan.run_name}")
     if plan.repeats > 1 and not plan.resumed:
         log(
             f"train: a small data set, so each epoch passes over it {plan.repeats} times "
