@@ -12,7 +12,10 @@ RUN/
     manifest.json                       data root, counts, model fingerprint, metric, index kind
     kmeans/, knn.faiss, meta.json       KMeans centroids and the KNN index (imgsim.index)
   .index-staging-<model>/part-*.parquet embeddings of an `imgsim index` still running (or killed)
-  logs/                                 Ray's driver and worker logs of the run's jobs
+  logs/<command>-<date>-<time>/          Ray's logs of one command run (imgsim.console.RunLogs):
+    driver.log                          what the driver printed besides progress (Ray's driver logs)
+    ray/                                a local Ray's session logs: raylet, workers (worker-*.out/err)
+    cluster.txt                         (a joined cluster) where the cluster keeps the workers' logs
 ```
 """
 

@@ -182,3 +182,15 @@ def test_a_failing_job_with_verbose_shows_rays_logs_live_and_names_them_last(
         last
     )
     assert "Execution plan" in (logs / console.DRIVER_LOG).read_text()
+
+
+def test_gpu_asked_of_a_local_ray_without_one_falls_back_to_cpu_in_one_line(ray_session, capsys) -> None:
+    import ray
+
+    from pipelines.runtime import gpu_or_cpu
+
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this machine's Ray has a GPU")
+    assert gpu_or_cpu(True, "embedding") is False
+    assert capsys.readouterr().err == "--gpu: this machine's Ray has no GPU, so embedding runs on the CPU\n"
+    assert gpu_or_cpu(False, "embedding") is False
