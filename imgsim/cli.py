@@ -9,9 +9,11 @@ validation. Heavy modules (torch, Ray) are imported inside `run` so `imgsim --he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -479,9 +481,11 @@ def _new_run(folder: str | None) -> str | None:
 @dataclass(frozen=True)
 class Command:
     """One `imgsim` command: its help, its argument builder, what it runs, its pipeline module
-    (for `python -m pipelines.X`, which takes the same arguments) and, for a command that runs Ray
-    jobs, the run directory whose `logs/` folder keeps Ray's logs (`run_dir(args)`; None: the run
-    does not exist yet, and the logs go to a temporary folder)."""
+    (for `python -m pipelines.X`, which takes the same arguments) and where Ray's logs go.
+
+    `run_dir` is None for a command that runs no Ray job. For one that does, `run_dir(args)` is the
+    run directory whose `logs/` keeps Ray's logs, or None (no run, or none that exists yet): a
+    temporary folder then."""
 
     name: str
     help: str
@@ -676,33 +680,37 @@ def _run_logs(args: argparse.Namespace) -> Any:
 
 
 def _execute(args: argparse.Namespace) -> int:
-    """Run a parsed command; expected failures end in one line on stderr and exit status 1, naming
-    the folder of Ray's logs when Ray ran."""
+    """Run a parsed command; a failure ends in one line on stderr (naming the folder of Ray's logs
+    when Ray ran) and a non-zero exit status."""
     if getattr(args, "verbose", False):
         console.set_verbose(True)
     logs = _run_logs(args)
+    with logs if logs is not None else contextlib.nullcontext():
+        code, failure = _run(args)
+    if failure:
+        where = f" — Ray's logs: {logs.where()}" if logs is not None and logs.used() else ""
+        print(f"imgsim: {failure}{where}", file=console.stream(), flush=True)
+    return code
+
+
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(exit status, the failure's one-line reason or None)."""
     try:
-        if logs is None:
-            return int(args.func(args) or 0)
-        with logs:
-            return int(args.func(args) or 0)
+        return int(args.func(args) or 0), None
     except KeyboardInterrupt:
-        _fail("interrupted", logs)
-        return 130
+        return 130, "interrupted"
     except ImgsimError as e:
-        _fail(f"error: {e}", logs)
-        return 1
+        return 1, f"error: {e}"
     except Exception as e:  # anything unexpected still ends in one line, unless debugging
         if os.environ.get("IMGSIM_DEBUG"):
             raise
-        _fail(f"error: {type(e).__name__}: {e} (set IMGSIM_DEBUG=1 for the traceback)", logs)
-        return 1
-
-
-def _fail(message: str, logs: Any) -> None:
-    """The failure's one line, last on stderr."""
-    where = f" — Ray's logs: {logs.where()}" if logs is not None and logs.used() else ""
-    print(f"imgsim: {message}{where}", file=console.stream(), flush=True)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if console.active_logs() is not None:  # stderr is the run's driver.log: keep the traceback there
+            traceback.print_exc()
+            hint = "the traceback is in driver.log"
+        else:
+            hint = "set IMGSIM_DEBUG=1 for the traceback"
+        return 1, f"error: {type(e).__name__}: {reason} ({hint})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
