@@ -67,8 +67,12 @@ SOURCE_GLOBS = ("imgsim/**/*.py", "pipelines/**/*.py", "serve/**/*.py", "serve/s
 #: it does not depend on how the machine's host name resolves.
 LOOPBACK_GLOO = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
+#: The train workers' own lines (in their logs; on the console with `--verbose`, which the check passes).
 EPOCH_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+) (step|done)")
-EMBED_SUMMARY = re.compile(r"\[index\] (\d+) images in ([\d.]+) s \((\d+)/s\)")
+#: The embedding stage's summary line (imgsim.progress): images, time, images per second.
+EMBED_SUMMARY = re.compile(r"embed: ([\d,]+)/[\d,]+ images \(100%\) in ([^,]+), ([\d,.]+) images/s")
+#: Every imgsim command of the check shows Ray's logs live (the check's log keeps them all).
+VERBOSE = "--verbose"
 
 
 def source_hash(root: Path = REPO) -> str:
@@ -446,7 +450,7 @@ class Check:
         timeout_s: float = 300,
     ) -> dict[str, Any]:
         args = ["train", str(self.data / "train"), "--out", str(self.work / run), "--epochs", str(epochs),
-                "--batch-size", str(batch_size), "--workers", str(workers), "--json",
+                "--batch-size", str(batch_size), "--workers", str(workers), "--json", VERBOSE,
                 *(["--gpu"] if gpu and self.cuda else []), *shlex.split(self.args.train_args), *extra]  # fmt: skip
         how = "cli"
         if shared_gpu is not None and {"--gpus-per-worker", "--backend"} <= self.train_options():
@@ -548,7 +552,7 @@ class Check:
         cpus = os.cpu_count() or 1
         concurrency = 1 if gpu and self.cuda else max(1, min(cpus - 1, 15))
         args = ["index", str(self.data / "train"), "--model", str(run_dir), "--clusters", "10", "--json",
-                "--concurrency", str(concurrency), *(["--gpu"] if gpu and self.cuda else [])]  # fmt: skip
+                VERBOSE, "--concurrency", str(concurrency), *(["--gpu"] if gpu and self.cuda else [])]  # fmt: skip
         res = self.run(stage, self.imgsim(*args), 300)
         embed = res.times_of(EMBED_SUMMARY)
         rec = {
@@ -569,8 +573,8 @@ class Check:
                 index_kind=summary.get("index_kind"),
             )
         if embed:
-            # imgsim's own figure: images over the embedding job's wall time, Ray's start included
-            rec["embed_job_images_per_s"] = float(embed[-1][1].group(3))
+            # imgsim's own figure: images over the embedding job's wall time (after Ray's start)
+            rec["embed_job_images_per_s"] = float(embed[-1][1].group(3).replace(",", ""))
         return rec
 
     def stage_index_gpu(self) -> dict[str, Any]:

@@ -9,13 +9,16 @@ validation. Heavy modules (torch, Ray) are imported inside `run` so `imgsim --he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from imgsim import console
 from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS
 from imgsim.errors import ImgsimError
 
@@ -32,7 +35,8 @@ index and plots. Typical use:
   imgsim eval --model runs/fm --queries data/fm/test
   imgsim serve --model runs/fm
 
-Set IMGSIM_DEBUG=1 to see full tracebacks.
+The console shows progress only; Ray's own driver and worker logs go to RUN/logs/<command>-<time>/
+(-v/--verbose or IMGSIM_LOG=debug shows them live). Set IMGSIM_DEBUG=1 to see full tracebacks.
 """
 
 
@@ -602,6 +606,7 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
         help="HTTP front end: 'haproxy' (HAProxy in front of the replicas: several times the throughput, "
         "docs/serving.md), 'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
     )
+    p.add_argument("--access-log", action="store_true", help="print a line per HTTP request")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -614,6 +619,7 @@ def run_serve(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         allow_private_urls=args.allow_private_urls,
         ingress=args.ingress,
+        access_log=args.access_log,
     )
     return 0
 
@@ -705,10 +711,23 @@ def _edits_help() -> str:
 EDITS_HELP = _edits_help()
 
 
+def _existing(folder: str | None) -> str | None:
+    """`folder` if it is a local directory that exists (logs never create a mistyped run)."""
+    return folder if folder and "://" not in folder and os.path.isdir(folder) else None
+
+
+def _new_run(folder: str | None) -> str | None:
+    return folder if folder and "://" not in folder else None
+
+
 @dataclass(frozen=True)
 class Command:
-    """One `imgsim` command: its help, its argument builder, what it runs, and its pipeline module
-    (for `python -m pipelines.X`, which takes the same arguments)."""
+    """One `imgsim` command: its help, its argument builder, what it runs, its pipeline module
+    (for `python -m pipelines.X`, which takes the same arguments) and where Ray's logs go.
+
+    `run_dir` is None for a command that runs no Ray job. For one that does, `run_dir(args)` is the
+    run directory whose `logs/` keeps Ray's logs, or None (no run, or none that exists yet): a
+    temporary folder then."""
 
     name: str
     help: str
@@ -716,6 +735,7 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     module: str | None = None
+    run_dir: Callable[[argparse.Namespace], str | None] | None = None
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -736,6 +756,7 @@ COMMANDS: tuple[Command, ...] = (
         ingest_arguments,
         run_ingest,
         "pipelines.ingest",
+        run_dir=lambda a: None,
     ),
     Command(
         "train",
@@ -747,6 +768,7 @@ COMMANDS: tuple[Command, ...] = (
         train_arguments,
         run_train,
         "pipelines.train",
+        run_dir=lambda a: _new_run(a.out),
     ),
     Command(
         "index",
@@ -757,6 +779,7 @@ COMMANDS: tuple[Command, ...] = (
         index_arguments,
         run_index,
         "pipelines.build_index",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "embed",
@@ -766,6 +789,7 @@ COMMANDS: tuple[Command, ...] = (
         embed_arguments,
         run_embed,
         "pipelines.embed",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "query",
@@ -788,6 +812,7 @@ COMMANDS: tuple[Command, ...] = (
         eval_arguments,
         run_eval,
         "pipelines.evaluate",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "duplicates",
@@ -802,6 +827,7 @@ COMMANDS: tuple[Command, ...] = (
         duplicates_arguments,
         run_duplicates,
         "pipelines.duplicates",
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "tsne",
@@ -818,6 +844,7 @@ COMMANDS: tuple[Command, ...] = (
         "web page at /. Set IMGSIM_API_KEY to require 'Authorization: Bearer <key>'.",
         serve_arguments,
         run_serve,
+        run_dir=lambda a: _existing(a.model),
     ),
     Command(
         "import-encoder",
@@ -838,6 +865,7 @@ COMMANDS: tuple[Command, ...] = (
         demo_arguments,
         run_demo,
         "pipelines.demo",
+        run_dir=lambda a: _new_run(os.path.join(a.work, "run")),
     ),
 )
 
@@ -853,6 +881,19 @@ def _command_parser(command: Command, prog: str, **kwargs: Any) -> argparse.Argu
         formatter_class=HelpFormatter,
         **kwargs,
     )
+
+
+def _add_arguments(p: argparse.ArgumentParser, command: Command) -> None:
+    """The command's own arguments, then those every command takes."""
+    command.arguments(p)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own driver and worker logs live (always kept in RUN/logs/); "
+        f"same as {console.LOG_ENV}=debug",
+    )
+    p.set_defaults(func=command.run, command=command.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -873,28 +914,65 @@ def build_parser() -> argparse.ArgumentParser:
             description=command.description,
             formatter_class=HelpFormatter,
         )
-        command.arguments(p)
-        p.set_defaults(func=command.run)
+        _add_arguments(p, command)
     return parser
 
 
+def _run_logs(args: argparse.Namespace) -> Any:
+    """Where a command that runs Ray jobs keeps Ray's logs (`imgsim.console.RunLogs`), or None for
+    commands without Ray, and when Ray already runs in this process (its host owns the console)."""
+    command = _command(args.command)
+    if command.run_dir is None:
+        return None
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return None
+    from imgsim.runs import RunPaths
+
+    run = command.run_dir(args)
+    if run:
+        root = RunPaths(run).logs_dir
+    else:
+        import tempfile
+
+        root = os.path.join(tempfile.gettempdir(), "imgsim-logs")
+    return console.RunLogs(
+        console.log_folder(root, command.name), access_log=getattr(args, "access_log", False)
+    )
+
+
 def _execute(args: argparse.Namespace) -> int:
-    """Run a parsed command; expected failures end in one line on stderr and exit status 1."""
+    """Run a parsed command; a failure ends in one line on stderr (naming the folder of Ray's logs
+    when Ray ran) and a non-zero exit status."""
+    if getattr(args, "verbose", False):
+        console.set_verbose(True)
+    logs = _run_logs(args)
+    with logs if logs is not None else contextlib.nullcontext():
+        code, failure = _run(args)
+    if failure:
+        where = f" — Ray's logs: {logs.where()}" if logs is not None and logs.used() else ""
+        print(f"imgsim: {failure}{where}", file=console.stream(), flush=True)
+    return code
+
+
+def _run(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(exit status, the failure's one-line reason or None)."""
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), None
     except KeyboardInterrupt:
-        print("imgsim: interrupted", file=sys.stderr)
-        return 130
+        return 130, "interrupted"
     except ImgsimError as e:
-        print(f"imgsim: error: {e}", file=sys.stderr)
-        return 1
+        return 1, f"error: {e}"
     except Exception as e:  # anything unexpected still ends in one line, unless debugging
         if os.environ.get("IMGSIM_DEBUG"):
             raise
-        print(
-            f"imgsim: error: {type(e).__name__}: {e} (set IMGSIM_DEBUG=1 for the traceback)", file=sys.stderr
-        )
-        return 1
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if console.active_logs() is not None:  # stderr is the run's driver.log: keep the traceback there
+            traceback.print_exc()
+            hint = "the traceback is in driver.log"
+        else:
+            hint = "set IMGSIM_DEBUG=1 for the traceback"
+        return 1, f"error: {type(e).__name__}: {reason} ({hint})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -911,8 +989,7 @@ def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """
     command = _command(name)
     parser = _command_parser(command, prog=f"python -m {command.module}")
-    command.arguments(parser)
-    parser.set_defaults(func=command.run)
+    _add_arguments(parser, command)
     return _execute(parser.parse_args(argv))
 
 

@@ -150,7 +150,7 @@ def write_fashion_mnist(
         keep = balanced_first(labels, limit)
         for name in FASHION_MNIST_CLASSES:
             (out / split / name).mkdir(parents=True, exist_ok=True)
-        for i in progress(keep, total=len(keep), desc=f"fashion-mnist {split}", unit="img"):
+        for i in progress(keep, total=len(keep), desc=f"dataset {split}", unit="images"):
             target = out / split / FASHION_MNIST_CLASSES[int(labels[i])] / f"{int(i):05d}.png"
             if not target.exists():  # resumable; the rename means a present file is complete
                 tmp = target.with_name(f".{target.name}.tmp")

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from imgsim.atomic import temp_path_beside  # noqa: E402
+from imgsim.progress import stage  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, out: str | os.PathLike[str]) -> Path:
@@ -128,7 +129,8 @@ def plot_tsne(
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     if len(x) >= 4:
         perplexity = float(min(30.0, (len(x) - 1) / 3))
-        xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+        with stage("t-SNE", len(x), "points"):
+            xy = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
     else:  # t-SNE needs a few points; draw so few as they come
         xy = np.zeros((len(x), 2))
         xy[:, : min(2, x.shape[1])] = x[:, :2]

@@ -17,7 +17,10 @@ RUN/
     calibration.json                    the calibrated threshold, its precision and the model it fits
     state/                              pairs found and images searched, for incremental reruns
     duplicates.jsonl, .csv, .html       the groups (the default --out)
-  logs/                                 Ray's driver and worker logs of the run's jobs
+  logs/<command>-<date>-<time>/          Ray's logs of one command run (imgsim.console.RunLogs):
+    driver.log                          what the driver printed besides progress (Ray's driver logs)
+    ray/                                a local Ray's session logs: raylet, workers (worker-*.out/err)
+    cluster.txt                         (a joined cluster) where the cluster keeps the workers' logs
 ```
 """
 

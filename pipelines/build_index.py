@@ -28,12 +28,13 @@ from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError
 from imgsim.index import KMeansClusterer, KnnIndex
-from imgsim.progress import bar, log
+from imgsim.progress import bar, log, stage
 from imgsim.rows import FILE_SCHEMA, INDEX_COLUMNS, embedding_array, embedding_matrix, text_array
 from imgsim.runs import RunPaths
-from imgsim.sources import ImageRef, list_images
+from imgsim.sources import ImageRef
 from pipelines.embed import StageTimes, embed_images
-from pipelines.runtime import ensure_ray
+from pipelines.ingest import list_inputs
+from pipelines.runtime import ensure_ray, gpu_or_cpu
 
 STAGING_ROWS = 4096  # rows per staged part file
 
@@ -94,7 +95,7 @@ def _read_previous(paths: RunPaths, fingerprint: str) -> pa.Table:
         return _empty_rows()
     good = pq.read_table(paths.embeddings)
     if "size" not in good.column_names:  # an index written before rows recorded size and mtime
-        log("[index] the index was written by an older imgsim: every image is embedded again")
+        log("index: the index was written by an older imgsim: every image is embedded again")
         return _empty_rows()
     files = pq.read_table(paths.files)
     bad = files.filter(pc.is_valid(files["error"]))
@@ -168,10 +169,11 @@ def _embed_into_staging(
 ) -> list[pa.Table]:
     """Embed `todo` with the Ray Data job, writing each batch of rows to a staging part as it comes."""
     ensure_ray()
+    use_gpu = gpu_or_cpu(use_gpu, "embedding")
     part = len(list(staging.glob("part-*.parquet")))
     tables = []
     ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
-    with bar(len(todo), desc="embedding", unit="img") as progress:
+    with bar(len(todo), "embed", "images") as progress:
         for batch in ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy"):
             times.add(batch)
             t0 = time.perf_counter()
@@ -183,7 +185,8 @@ def _embed_into_staging(
             tables.append(table)
             part += 1
             progress.update(table.num_rows)
-    log(f"[index] {times.summary()}")
+        progress.note(times.breakdown())
+    times.warn_if_slow_reads(data)
     return tables
 
 
@@ -203,15 +206,16 @@ def build_index(
     started = time.perf_counter()
     paths = RunPaths(Path(run).resolve())
     fingerprint = model_lib.fingerprint(paths.root)
-    refs = list_images(data)
+    refs = list_inputs(data)
     listing = listing_table(refs)
     staging = _staging(paths, fingerprint, full)
     previous = _empty_rows() if full else _read_previous(paths, fingerprint)
     plan = plan_work(refs, listing, _read_staged(staging), previous)
-    log(
-        f"[index] {len(refs)} images: {len(plan.todo)} to embed, {plan.reused.num_rows} unchanged, "
-        f"{plan.resumed.num_rows} from an interrupted run, {plan.removed} removed"
-    )
+    if plan.reused.num_rows or plan.resumed.num_rows or plan.removed:
+        log(
+            f"index: {len(plan.todo):,} to embed, {plan.reused.num_rows:,} unchanged, "
+            f"{plan.resumed.num_rows:,} from an interrupted run, {plan.removed:,} removed"
+        )
     times = StageTimes()
     new: list[pa.Table] = []
     if plan.todo:
@@ -221,6 +225,11 @@ def build_index(
         paths, rows, fingerprint, data, clusters=clusters, metric=metric, kind=kind, nprobe=nprobe
     )
     shutil.rmtree(staging, ignore_errors=True)
+    if summary["skipped"]:
+        log(
+            f"skipped {summary['skipped']:,} of {summary['skipped'] + summary['images']:,} files that could "
+            f"not be read or decoded: list in {summary['skipped_path']}"
+        )
     summary.update(
         embedded=len(plan.todo),
         reused=plan.reused.num_rows,
@@ -255,8 +264,12 @@ def write_index(
     if good.num_rows == 0:
         raise ImgsimError(f"none of the {rows.num_rows} files under {data} could be used as an image")
     emb = embedding_matrix(good)
-    clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
-    index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
+    with stage("KMeans", len(emb), "embeddings") as p:
+        clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
+        p.note(f"{len(clusterer.centroids_)} clusters")
+    with stage("KNN", len(emb), "embeddings") as p:
+        index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
+        p.note(f"{index.kind_} {metric} index")
     good = good.append_column("cluster", pa.array(clusterer.labels_, pa.int64()))
     table = good.select([*INDEX_COLUMNS, "embedding"])
     files = rows.select(["path", "label", "size", "mtime", "error", "content_hash", "width", "height"])

@@ -15,21 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from imgsim.atomic import atomic_write_json
+from imgsim.config import DEFAULTS
+from imgsim.progress import log
+from imgsim.progress import seconds as fmt_seconds
 from imgsim.runs import RunPaths
 
 
 @dataclass
 class _Timer:
-    """Wall time per step, printed in the summary."""
+    """Wall time per step, printed in the summary. Each step prints its own stage lines."""
 
     steps: dict[str, float] = field(default_factory=dict)
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        print(f"\n== {name} ==", flush=True)
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         self.steps[name] = round(time.perf_counter() - start, 1)
-        print(f"== {name}: {self.steps[name]:.1f} s ==", flush=True)
         return out
 
 
@@ -52,6 +53,7 @@ def demo(work: str = "demo-run", limit: int | None = None, epochs: int | None = 
     paths = RunPaths(run)
     timer = _Timer()
     started = time.perf_counter()
+    log(f"imgsim demo: Fashion-MNIST -> train -> index -> eval -> t-SNE -> query, under {work_dir}")
 
     written = timer.run("dataset", write_fashion_mnist, data, limit=limit)
     train_kwargs: dict[str, Any] = {} if epochs is None else {"epochs": epochs}
@@ -87,32 +89,32 @@ def demo(work: str = "demo-run", limit: int | None = None, epochs: int | None = 
             "skipped": str(paths.skipped),
             "tsne_plot": str(tsne_png),
             "query_plot": str(query_png),
+            "ray_logs": str(paths.logs_dir),
         },
     }
     atomic_write_json(paths.demo_summary, summary)
-    _print_summary(summary, run)
+    _print_summary(summary, run, query_image)
     return summary
 
 
-def _print_summary(summary: dict[str, Any], run: Path) -> None:
-    m = summary["eval"]
-    print("\n================ imgsim demo: done ================")
-    print(f"data:       {summary['images']}")
+def _print_summary(summary: dict[str, Any], run: Path, query_image: Path) -> None:
+    """The results table, the files written and what to run next (stdout: the demo's result)."""
+    m, ix, k = summary["eval"], summary["index"], summary["eval"]["k"]
+    seconds = summary["seconds"]
+    print(f"\nimgsim demo: done in {fmt_seconds(seconds['total'])}")
     print(
-        f"index:      {summary['index']['images']} images, {summary['index']['skipped']} skipped, "
-        f"{summary['index']['clusters']} clusters, {summary['index']['index_kind']} {summary['index']['metric']}"
+        f"retrieval: {m['queries']:,} test queries against {ix['images']:,} indexed images "
+        f"({ix['skipped']} skipped; {ix['clusters']} clusters; {ix['index_kind']} {ix['metric']} index)"
     )
-    print(
-        f"retrieval:  {m['queries']} test queries vs {m['database']} train images: "
-        f"precision@1 {m['precision_at_1']:.3f}, precision@{m['k']} {m['precision_at_k']:.3f}, "
-        f"mAP@{m['k']} {m['map_at_k']:.3f}"
-    )
-    print("time (s):   " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
+    print(f"  {'precision@1':>12} {f'precision@{k}':>13} {f'mAP@{k}':>9}")
+    print(f"  {m['precision_at_1']:>12.3f} {m['precision_at_k']:>13.3f} {m['map_at_k']:>9.3f}")
+    print("time: " + ", ".join(f"{name} {fmt_seconds(s)}" for name, s in seconds.items() if name != "total"))
     print("files:")
-    for name, path in summary["files"].items():
-        print(f"  {name:<11} {path}")
-    print(f"  {'summary':<11} {RunPaths(run).demo_summary}")
-    print(f"next: imgsim query IMAGE --model {run} --plot out.png   |   imgsim serve --model {run}")
+    for name, path in {**summary["files"], "summary": str(RunPaths(run).demo_summary)}.items():
+        print(f"  {name.replace('_', ' '):<11} {path}")
+    print("next:")
+    print(f"  imgsim query {query_image} --model {run} -k 8 --plot query.png")
+    print(f"  imgsim serve --model {run}      # then open http://127.0.0.1:{DEFAULTS.serve.port}/")
 
 
 if __name__ == "__main__":

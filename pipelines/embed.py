@@ -11,7 +11,7 @@ report which stage is slow.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,11 +19,13 @@ import ray
 
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
-from imgsim.progress import log
+from imgsim.progress import bar, log
 from imgsim.rows import as_text, ok_mask
-from imgsim.sources import ImageRef
+from imgsim.sources import ImageRef, is_s3
 from pipelines.ingest import read_images
 from pipelines.runtime import ensure_ray
+
+SLOW_READ_SHARE = 0.5  # S3 reads taking more than this share of worker time are worth a line
 
 
 class Embedder:
@@ -64,7 +66,7 @@ def embed_dataset(
         fn_constructor_kwargs={"run": run, "use_gpu": use_gpu, "threads": None if use_gpu else 1},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
@@ -80,8 +82,6 @@ class StageTimes:
     encode: float = 0.0
     write: float = 0.0
     rows: int = 0
-    wall: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         self.read += float(np.sum(batch["read_s"]))
@@ -89,13 +89,23 @@ class StageTimes:
         self.encode += float(np.sum(batch["encode_s"]))
         self.rows += len(batch["path"])
 
-    def summary(self) -> str:
-        self.wall = time.perf_counter() - self.started
-        rate = self.rows / self.wall if self.wall else 0.0
+    def breakdown(self) -> str:
+        """Which stage the time went to (clip-retrieval's per-stage timing)."""
+        write = f", driver write {self.write:.1f}" if self.write >= 0.05 else ""
         return (
-            f"{self.rows} images in {self.wall:.1f} s ({rate:.0f}/s); worker seconds: read {self.read:.1f}, "
-            f"decode {self.decode:.1f}, encode {self.encode:.1f}; driver write {self.write:.1f}"
+            f"worker seconds: read {self.read:.1f}, decode {self.decode:.1f}, encode {self.encode:.1f}{write}"
         )
+
+    def warn_if_slow_reads(self, data: str) -> None:
+        """One line when reading from S3 took most of the workers' time (the store, not imgsim, is
+        the bottleneck)."""
+        busy = self.read + self.decode + self.encode
+        if is_s3(data) and self.rows and busy > 0 and self.read / busy > SLOW_READ_SHARE:
+            log(
+                f"slow S3: reading took {100 * self.read / busy:.0f} % of the workers' time "
+                f"({1000 * self.read / self.rows:.0f} ms per image from {data}); a store in the same "
+                "region as the cluster, or more CPUs for the reads, would help"
+            )
 
 
 def embed_images(
@@ -117,23 +127,30 @@ def embed_folder(
     root: str, run: str, **kwargs: Any
 ) -> tuple[list[str], list[str | None], np.ndarray, list[dict]]:
     """(paths, labels, embeddings, skipped records) for every image under `root` — for eval queries."""
+    from pipelines.ingest import list_inputs
+
+    refs = list_inputs(root)
     ensure_ray()
     paths: list[str] = []
     labels: list[str | None] = []
     chunks: list[np.ndarray] = []
     skipped: list[dict] = []
     times = StageTimes()
-    for batch in embed_images(root, run, **kwargs).iter_batches(batch_size=4096, batch_format="numpy"):
-        times.add(batch)
-        ok = ok_mask(batch["error"])
-        skipped += [
-            {"path": str(p), "reason": str(e)}
-            for p, e in zip(batch["path"][~ok], batch["error"][~ok], strict=True)
-        ]
-        paths += [str(p) for p in batch["path"][ok]]
-        labels += [as_text(lab) for lab in batch["label"][ok]]
-        chunks.append(batch["embedding"][ok])
-    log(f"[embed] {times.summary()}")
+    batches = embed_images(root, run, refs=refs, **kwargs).iter_batches(batch_size=4096, batch_format="numpy")
+    with bar(len(refs), "embed", "images") as progress:
+        for batch in batches:
+            times.add(batch)
+            ok = ok_mask(batch["error"])
+            skipped += [
+                {"path": str(p), "reason": str(e)}
+                for p, e in zip(batch["path"][~ok], batch["error"][~ok], strict=True)
+            ]
+            paths += [str(p) for p in batch["path"][ok]]
+            labels += [as_text(lab) for lab in batch["label"][ok]]
+            chunks.append(batch["embedding"][ok])
+            progress.update(len(batch["path"]))
+        progress.note(times.breakdown())
+    times.warn_if_slow_reads(root)
     emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return paths, labels, emb, skipped
 

@@ -23,7 +23,7 @@ import numpy as np
 from imgsim import copies as copies_lib
 from imgsim.config import DEFAULTS
 from imgsim.evaluate import retrieval_metrics
-from imgsim.progress import bar, log
+from imgsim.progress import Progress, bar, log
 from imgsim.rows import read_embeddings
 from imgsim.search import Searcher
 
@@ -43,6 +43,18 @@ class _WithinCluster:
         return dist, ids
 
 
+class _Counted:
+    """Any `search(q, k)` object, counting the queries it answers on a progress bar."""
+
+    def __init__(self, index: Any, progress: Progress) -> None:
+        self.index, self.progress = index, progress
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        out = self.index.search(q, k)
+        self.progress.update(len(q))
+        return out
+
+
 def evaluate_run(
     run: str, queries: str | None = None, k: int = DEFAULTS.search.k, within_cluster: bool = False
 ) -> dict[str, Any]:
@@ -52,15 +64,23 @@ def evaluate_run(
     db_labels = columns["label"]
     index = _WithinCluster(searcher) if within_cluster else searcher.index
     if queries is None:
-        metrics = retrieval_metrics(db_emb, db_labels, db_emb, db_labels, k=k, exclude_self=True, index=index)
+        with bar(len(db_emb), "eval", "queries") as p:
+            metrics = retrieval_metrics(
+                db_emb, db_labels, db_emb, db_labels, k=k, exclude_self=True, index=_Counted(index, p)
+            )
+            p.set(len(db_emb))  # unlabelled queries are not searched
         metrics["mode"] = "leave-one-out"
     else:
         from pipelines.embed import embed_folder
 
         _, q_labels, q_emb, skipped = embed_folder(queries, run)
-        metrics = retrieval_metrics(q_emb, q_labels, db_emb, db_labels, k=k, index=index)
+        with bar(len(q_emb), "eval", "queries") as p:
+            metrics = retrieval_metrics(q_emb, q_labels, db_emb, db_labels, k=k, index=_Counted(index, p))
+            p.set(len(q_emb))
         metrics["mode"] = "queries"
         metrics["skipped_queries"] = len(skipped)
+        if skipped:
+            log(f"eval: skipped {len(skipped):,} query files that could not be read or decoded")
     metrics["within_cluster"] = within_cluster
     metrics["metric"] = searcher.index.metric
     return metrics

@@ -28,6 +28,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
 from imgsim.decode import DecodeError, decode_image_and_size, greyscale_bytes
+from imgsim.progress import bar, stage
 from imgsim.rows import content_hash, error_reason, text_array
 from imgsim.sources import (
     FileTooLarge,
@@ -47,6 +48,14 @@ MAX_READ_BATCH = 2048
 MAX_INPUT_BLOCKS = 2000
 #: Parallel reads inside one task for S3 (latency-bound); local files are read one by one.
 S3_READ_THREADS = 8
+
+
+def list_inputs(root: str) -> list[ImageRef]:
+    """`list_images(root)`, shown as the "list" stage on the console."""
+    with stage(f"list {root}", unit="images") as p:
+        refs = list_images(root)
+        p.set(len(refs))
+    return refs
 
 
 def _read_one(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
@@ -233,7 +242,7 @@ def read_images(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=concurrency,
+        compute=ray.data.TaskPoolStrategy(size=concurrency),
     )
 
 
@@ -260,16 +269,20 @@ def reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(":")[0].strip()
 
 
-def summarise(ds: ray.data.Dataset) -> tuple[int, list[tuple[str, str]]]:
-    """(number of good images, [(path, reason)] of skipped inputs), streaming through `ds`."""
+def summarise(ds: ray.data.Dataset, total: int | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """(number of good images, [(path, reason)] of skipped inputs), streaming through `ds` (a
+    "decode" progress bar of `total` inputs)."""
     good, skipped = 0, []
-    for batch in ds.select_columns(["path", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
-        for path, err in zip(batch["path"], batch["error"], strict=True):
-            reason = error_reason(err)
-            if reason is None:
-                good += 1
-            else:
-                skipped.append((str(path), reason))
+    batches = ds.select_columns(["path", "error"]).iter_batches(batch_size=4096, batch_format="numpy")
+    with bar(total, "decode", "images") as p:
+        for batch in batches:
+            for path, err in zip(batch["path"], batch["error"], strict=True):
+                reason = error_reason(err)
+                if reason is None:
+                    good += 1
+                else:
+                    skipped.append((str(path), reason))
+            p.update(len(batch["path"]))
     skipped.sort()
     return good, skipped
 
@@ -287,12 +300,12 @@ def check_images(
     from imgsim.atomic import atomic_write_bytes
     from pipelines.runtime import ensure_ray
 
-    refs = list_images(data)
+    refs = list_inputs(data)
     channels = channels or detect_channels(refs)
     ensure_ray()
     started = time.perf_counter()
     ds = read_images(data, image_size, channels, refs=refs, concurrency=concurrency)
-    good, skipped = summarise(ds)
+    good, skipped = summarise(ds, len(refs))
     took = time.perf_counter() - started
     if skipped_out:
         lines = "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped)

@@ -14,6 +14,11 @@ variables in every worker process:
 
 A value already in the caller's environment wins.
 
+What Ray prints is not the user's console (`imgsim.console`): workers' output stays in their log
+files unless `--verbose` (`log_to_driver`), Ray Data's own progress bars are off (imgsim draws one
+bar per stage), and once Ray is up the command's `RunLogs` links the session's log folder into
+RUN/logs/.
+
 How the environment reaches the workers depends on who starts Ray. Joining a running cluster, it
 goes in the job's runtime environment. Starting a local Ray, it goes in this process's environment,
 which the local raylet and every worker inherit: a job runtime environment there would make Ray
@@ -27,6 +32,9 @@ from __future__ import annotations
 import os
 
 import ray
+
+from imgsim import console
+from imgsim.progress import log, seconds, stage
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
@@ -52,11 +60,50 @@ def starts_local_ray(address: str | None = None) -> bool:
 
 
 def ensure_ray(**kwargs) -> None:
-    """`ray.init` unless Ray is already initialised; joins RAY_ADDRESS when it is set."""
+    """`ray.init` unless Ray is already initialised; joins RAY_ADDRESS when it is set. Says so in
+    one line on the console, with where Ray's logs go."""
     if ray.is_initialized():
         return
-    if starts_local_ray(kwargs.get("address")):
-        os.environ.update(worker_env())
-        ray.init(configure_logging=False, **kwargs)
-    else:
-        ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()}, **kwargs)
+    kwargs.setdefault("log_to_driver", console.verbose())
+    local = starts_local_ray(kwargs.get("address"))
+    with stage("start Ray" if local else "join Ray") as p:
+        if local:
+            os.environ.update(worker_env())
+            ray.init(configure_logging=False, **kwargs)
+        else:
+            ray.init(configure_logging=False, runtime_env={"env_vars": worker_env()}, **kwargs)
+        quiet_ray_data()
+        console.ray_started()
+        p.summary = _ray_line(local, p.elapsed())
+
+
+def _ray_line(local: bool, took: float) -> str:
+    res = ray.cluster_resources()
+    size = f"{res.get('CPU', 0):g} CPUs" + (f", {res['GPU']:g} GPUs" if res.get("GPU") else "")
+    what = f"started a local Ray ({size})" if local else f"joined the Ray cluster ({size})"
+    logs = console.active_logs()
+    where = f"; Ray's logs: {logs.where()}" if logs is not None else ""
+    return f"ray: {what} in {seconds(took)}{where}"
+
+
+def gpu_or_cpu(use_gpu: bool, what: str) -> bool:
+    """`use_gpu`, unless a local Ray has no GPU: then `what` runs on the CPU, said in one line (a
+    cluster may still add GPU nodes, so there we ask for them and wait)."""
+    if not use_gpu or ray.cluster_resources().get("GPU", 0) > 0:
+        return use_gpu
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    local = bool(getattr(getattr(node, "_global_node", None), "head", False))
+    if local:
+        log(f"--gpu: this machine's Ray has no GPU, so {what} runs on the CPU")
+        return False
+    log(f"--gpu: the Ray cluster has no GPU node yet; {what} waits for one")
+    return True
+
+
+def quiet_ray_data() -> None:
+    """Turn off Ray Data's own progress output in this driver (imgsim shows one bar per stage)
+    unless Ray's logs are shown live."""
+    if not console.verbose():
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from imgsim import model as model_lib
@@ -33,11 +34,11 @@ from imgsim.encoders import check_trainable
 from imgsim.errors import ImgsimError
 from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss
 from imgsim.plots import plot_loss
-from imgsim.progress import log
+from imgsim.progress import Progress, bar, debug, log, stage
 from imgsim.runs import RunPaths
-from imgsim.sources import ImageRef, list_images
-from pipelines.ingest import detect_channels, read_images
-from pipelines.runtime import ensure_ray
+from imgsim.sources import ImageRef
+from pipelines.ingest import detect_channels, list_inputs, read_images
+from pipelines.runtime import ensure_ray, gpu_or_cpu
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint directory
 
@@ -99,7 +100,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach())
             seen += len(x)
             steps += 1
-            if rank == 0 and steps % config["log_every"] == 0:
+            if rank == 0 and config.get("progress") is not None:
+                config["progress"].update.remote(
+                    {
+                        "step": epoch * config["steps_per_epoch"] + steps,
+                        "epoch": epoch + 1,
+                        "loss": loss_sum / steps,
+                        "images_per_s": seen * world / (time.perf_counter() - started),
+                    }
+                )
+            if rank == 0 and steps % config["log_every"] == 0:  # to the worker's log file
                 rate = seen * world / (time.perf_counter() - started)
                 terms = (
                     f" (recon {parts['recon']:.4f}, nce {parts['nce']:.3f})"
@@ -234,7 +244,7 @@ def _previous_state(paths: RunPaths, resume: bool) -> dict[str, Any] | None:
     if not resume:
         return None
     if not paths.train_state.is_file():
-        log(f"[train] nothing to resume in {paths.root}; starting a new run")
+        debug(f"train: nothing to resume in {paths.root}; starting a new run")
         return None
     return json.loads(paths.train_state.read_text())
 
@@ -261,7 +271,7 @@ def plan_training(
     previous = _previous_state(paths, resume)
     if previous:  # a resumed run keeps its architecture and its learning-rate schedule
         if epochs not in (None, previous["epochs"]):
-            log(f"[train] resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
+            log(f"train: resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
         model = ModelConfig.from_dict(previous["model"])
         epochs, batch_size = previous["epochs"], previous.get("batch_size", batch_size)
     else:
@@ -292,7 +302,15 @@ def training_dataset(data: str, refs: list[ImageRef], model: ModelConfig) -> ray
     ds = ds.select_columns(["image"])
     est_bytes = len(refs) * model.channels * model.image_size**2
     if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
-        ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
+        with stage("decode", len(refs), "images") as p:
+            ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
+            decoded = ds.count()
+            p.set(decoded)
+        if decoded < len(refs):
+            log(
+                f"skipped {len(refs) - decoded:,} of {len(refs):,} files that could not be read or decoded "
+                f"(to list them: imgsim ingest {data} --skipped FILE)"
+            )
     # Rows are already in random order (refs were shuffled); each epoch also visits blocks in a new
     # order. Cheaper than a per-row shuffle buffer, which halved throughput on 2 cores.
     ds = ds.randomize_block_order()
@@ -314,8 +332,12 @@ def make_trainer(
     use_gpu: bool,
     max_failures: int,
     threads_per_worker: int | None,
+    progress: Any = None,
 ) -> TorchTrainer:
-    """The TorchTrainer: `train_loop_per_worker` on `workers` workers, checkpoints under RUN."""
+    """The TorchTrainer: `train_loop_per_worker` on `workers` workers, checkpoints under RUN.
+
+    `progress`: a `TrainProgress` actor that rank 0 posts its step and loss to (the driver's bar).
+    """
     config = {
         "model": plan.model.to_dict(),
         "epochs": plan.epochs,
@@ -327,6 +349,7 @@ def make_trainer(
         "threads_per_worker": threads_per_worker,
         "log_every": max(1, plan.steps_per_epoch // 4),
         "mean_batches": max(1, 20_000 // max(1, plan.batch_size // workers)),
+        "progress": progress,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -343,7 +366,77 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": ds},
+        # Ray Train's default ingest options set the deprecated `ExecutionOptions.exclude_resources`;
+        # the same options, without it.
+        dataset_config=DataConfig(execution_options=_ingest_options()),
     )
+
+
+def _ingest_options() -> ray.data.ExecutionOptions:
+    """The driver's Ray Data execution options, as Ray Train would carry them over to the shards."""
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
+    )
+
+
+@ray.remote(num_cpus=0)
+class TrainProgress:
+    """Rank 0 posts its step, epoch and loss here; the driver reads them for its progress bar (the
+    workers' own output stays in their log files, RUN/logs/)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    def update(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def read(self) -> dict[str, Any]:
+        return self.state
+
+
+POLL_S = 0.5  # how often the driver reads the training progress
+
+
+def fit_with_progress(trainer: TorchTrainer, board: Any, plan: TrainPlan) -> Any:
+    """`trainer.fit()`, with a bar of the optimiser steps of all epochs fed by `board`."""
+    total = plan.epochs * plan.steps_per_epoch
+    with bar(total, "train", "steps", show_rate=False) as p:  # the note has the images per second
+        stop = threading.Event()
+
+        def show(state: dict[str, Any]) -> None:
+            if state:
+                p.set(int(state["step"]))
+                p.note(
+                    f"epoch {state['epoch']}/{plan.epochs}, loss {state['loss']:.4f}, "
+                    f"{state['images_per_s']:,.0f} img/s"
+                )
+
+        def poll() -> None:
+            while not stop.wait(POLL_S):
+                try:
+                    show(ray.get(board.read.remote(), timeout=30))
+                except Exception:  # a slow or restarting actor: try again at the next tick
+                    continue
+
+        poller = threading.Thread(target=poll, name="imgsim-train-progress", daemon=True)
+        poller.start()
+        try:
+            result = trainer.fit()
+        finally:
+            stop.set()
+            poller.join(timeout=35)
+        show(ray.get(board.read.remote(), timeout=30))
+        _show_failed(result, p)
+    return result
+
+
+def _show_failed(result: Any, p: Progress) -> None:
+    """A failed run leaves its bar where it stopped, not at 100 %."""
+    if getattr(result, "error", None):
+        p.close(failed=True)
 
 
 def export_model(result: Any, paths: RunPaths, data: str, workers: int) -> tuple[AutoEncoder, dict[str, Any]]:
@@ -387,7 +480,7 @@ def train(
     paths = RunPaths(Path(out).resolve())
     check_trainable(paths.root)  # an imported encoder cannot be trained or resumed
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    refs = list_images(data)
+    refs = list_inputs(data)
     random.Random(seed).shuffle(refs)  # listing is sorted by class folder; batches must mix classes
     plan = plan_training(
         paths,
@@ -400,9 +493,11 @@ def train(
         dim=dim,
         batch_size=batch_size,
     )
-    ensure_ray()
     _log_plan(plan, len(refs), min_steps, workers, use_gpu, paths)
+    ensure_ray()
+    use_gpu = gpu_or_cpu(use_gpu, "training")
     atomic_write_json(paths.train_state, plan.state(data))
+    board = TrainProgress.remote()
     trainer = make_trainer(
         plan,
         training_dataset(data, refs, plan.model),
@@ -414,9 +509,11 @@ def train(
         use_gpu=use_gpu,
         max_failures=max_failures,
         threads_per_worker=threads_per_worker,
+        progress=board,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    result = fit_with_progress(trainer, board, plan)
+    ray.kill(board)
     model, state = export_model(result, paths, data, workers)
     history = state["history"]
     return {
@@ -436,17 +533,21 @@ def train(
 def _log_plan(
     plan: TrainPlan, images: int, min_steps: int, workers: int, use_gpu: bool, paths: RunPaths
 ) -> None:
-    log(f"[train] {images} images, {model_lib.describe(AutoEncoder(plan.model))}")
+    if plan.resumed:
+        log(f"train: resuming {paths.checkpoints_dir / plan.run_name}")
+    model = AutoEncoder(plan.model)
+    log(
+        f"train: {images:,} images, {plan.epochs} epoch{'s' if plan.epochs != 1 else ''} x "
+        f"{plan.steps_per_epoch:,} steps, batch {plan.batch_size}, {workers} worker{'s' if workers != 1 else ''} "
+        f"on {'GPU' if use_gpu else 'CPU'}; {plan.model.dim}-d embedding, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters"
+    )
+    debug(f"train: {model_lib.describe(model)}; checkpoints in {paths.checkpoints_dir / plan.run_name}")
     if plan.repeats > 1 and not plan.resumed:
         log(
-            f"[train] a small data set: each epoch passes over it {plan.repeats} times "
-            f"(at least {min_steps} steps in all; --epochs E sets exactly E passes)"
+            f"train: a small data set, so each epoch passes over it {plan.repeats} times "
+            f"(at least {min_steps:,} steps in all; --epochs E sets exactly E passes)"
         )
-    log(
-        f"[train] {plan.epochs} epochs x {plan.steps_per_epoch} steps, batch {plan.batch_size}, "
-        f"{workers} worker(s), {'GPU' if use_gpu else 'CPU'}; checkpoints in "
-        f"{paths.checkpoints_dir / plan.run_name}"
-    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from imgsim import console
 from imgsim.config import DEFAULTS
 from imgsim.errors import BadQuery, ImgsimError, RunNotFound
 from imgsim.rows import content_hash
@@ -474,12 +475,17 @@ def start(
     host: str = DEFAULTS.serve.host,
     port: int = DEFAULTS.serve.port,
     route_prefix: str = "/",
+    access_log: bool = False,
     **options: Any,
 ) -> DeploymentHandle:
-    """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised)."""
+    """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised).
+
+    `access_log`: Serve logs a line per request ("POST /search 200 18.9ms"); off by default.
+    """
     app = build_app(run, **options)
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(app, name=APP_NAME, route_prefix=route_prefix)
+    logging_config = {"enable_access_log": access_log}
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    return serve.run(app, name=APP_NAME, route_prefix=route_prefix, logging_config=logging_config)
 
 
 def run(
@@ -489,11 +495,14 @@ def run(
     replicas: int = DEFAULTS.serve.replicas,
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
     ingress: str = "Serve's HTTP proxy",
+    access_log: bool = False,
 ) -> None:
     """Serve `run` on http://host:port/ until Ctrl-C or SIGTERM, then shut Serve and Ray down.
 
     `ingress` only names the HTTP front end in the start-up line: it is chosen by the environment
-    the Ray processes start with (`serve.ingress.apply`, which `imgsim serve` calls).
+    the Ray processes start with (`serve.ingress.apply`, which `imgsim serve` calls). `access_log`:
+    Serve logs a line per request (`imgsim serve --access-log` shows them on the console; Serve's
+    and Ray's other logs go to RUN/logs/ only, unless `--verbose`: `imgsim.console`).
 
     Starts a local Ray instance (Prometheus metrics on $IMGSIM_METRICS_PORT when set) unless
     RAY_ADDRESS names a cluster to join.
@@ -513,8 +522,10 @@ def run(
             ray.init(
                 address=os.environ.get("RAY_ADDRESS") or "local",
                 configure_logging=False,
+                log_to_driver=console.verbose(),
                 _metrics_export_port=int(metrics_port) if metrics_port else None,
             )
+            console.ray_started()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         start(
             run,
@@ -523,12 +534,13 @@ def run(
             replicas=replicas,
             allow_private_urls=allow_private_urls,
             num_cpus=min(1.0, cpus / replicas),
+            access_log=access_log,
         )
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
         print(f"imgsim: serving {run} at http://{shown}:{port}/ via {ingress} (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             pass
-        print("imgsim: shutting down", flush=True)
+        print("imgsim: shutting down", file=console.stream(), flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -20,6 +20,7 @@ def serve_forever(
     replicas: int = DEFAULTS.serve.replicas,
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
     ingress: str = DEFAULTS.serve.ingress,
+    access_log: bool = False,
 ) -> None:
     """Serve `run` at http://host:port/ until Ctrl-C or SIGTERM."""
     from serve import ingress as front_end
@@ -31,5 +32,11 @@ def serve_forever(
     from serve.app import run as run_app
 
     run_app(
-        run, host=host, port=port, replicas=replicas, allow_private_urls=allow_private_urls, ingress=chosen
+        run,
+        host=host,
+        port=port,
+        replicas=replicas,
+        allow_private_urls=allow_private_urls,
+        ingress=chosen,
+        access_log=access_log,
     )

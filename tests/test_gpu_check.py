@@ -34,6 +34,19 @@ def test_epoch_lines_of_train_py_are_recognised() -> None:
     assert "[train] epoch {epoch + 1}/{config['epochs']} done" in src
 
 
+def test_the_embed_summary_line_is_recognised() -> None:
+    # the line imgsim.progress ends the embedding stage with; the check reads the rate from it
+    from imgsim.progress import Progress
+
+    p = Progress(12_000, "embed", "images", interval_s=1e9)
+    p.set(12_000)
+    p.note("worker seconds: read 0.2, decode 0.5, encode 0.7")
+    line = p.line(final=True)
+    p.close()
+    m = gpu_check.EMBED_SUMMARY.search(f"{line}\n")
+    assert m and m.group(1) == "12,000" and float(m.group(3).replace(",", "")) > 0, line
+
+
 def test_shared_gpu_shim_asks_for_a_fraction_of_a_gpu_and_gloo(monkeypatch: pytest.MonkeyPatch) -> None:
     import pipelines.train as train_mod
 
