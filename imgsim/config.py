@@ -66,6 +66,10 @@ class IndexConfig:
     nprobe: int = 16
     embed_batch_size: int = 256
     concurrency: int = 2
+    # Up to this many images to embed (a small re-index), `imgsim index` embeds them in its own
+    # process instead of starting a Ray Data job, whose start-up costs more (docs/scaling.md);
+    # never when it runs on a cluster (RAY_ADDRESS) or on a GPU.
+    in_process_max: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,19 @@ class SearchConfig:
     # URL queries from the user's own command line or Python may reach their own network; the HTTP
     # server refuses private addresses unless told otherwise (ServeConfig.allow_private_urls: SSRF).
     allow_private_urls: bool = True
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """Reading an image's bytes from S3 (`imgsim.sources.read_bytes`): a failure that may pass (the
+    store unreachable, a time-out, throttling) is tried again after a growing pause; one that
+    still fails after `attempts` tries is skipped with its reason (and tried again by the next
+    `imgsim index`). With these defaults the pauses add up to 0.5+1+2+4+8 = 15.5 s, enough to ride
+    out a store that restarts."""
+
+    attempts: int = 6
+    backoff_s: float = 0.5  # pause before the second try; doubled after each failure
+    max_backoff_s: float = 8.0
 
 
 #: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
@@ -103,6 +120,7 @@ class Defaults:
     index: IndexConfig = field(default_factory=IndexConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
 
 
 DEFAULTS = Defaults()
