@@ -516,7 +516,11 @@ class S3Server:
         self._server: Any = None
 
     def start(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
         deadline = time.monotonic() + 30
         while True:

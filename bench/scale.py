@@ -153,7 +153,7 @@ def ensure_model(cache: Path, model: str | None) -> Path:
     """`--model`, else a model trained once (2 epochs) on the first TRAIN_SAMPLE generated images."""
     if model:
         return Path(model)
-    run = cache / "model"
+    run = cache / "trained"  # (a run directory named "model" would be taken for its model/ folder)
     if (run / "model" / "model.pt").is_file():
         return run
     sample = cache / "train-sample"

@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,6 +33,7 @@ from imgsim.config import DEFAULTS, IMAGE_EXTENSIONS, MAX_FILE_BYTES
 from imgsim.errors import ImgsimError
 
 S3_PREFIX = "s3://"
+T = TypeVar("T")
 
 #: The environment variables that decide how S3 is reached (handed on to Ray workers).
 AWS_SETTINGS = (
@@ -235,7 +238,9 @@ def list_table(root: str) -> pa.Table:
             raise SourceError(f"{root}: no such folder — {_hint(root)}")
         if not s3 and info.type != pafs.FileType.Directory:
             raise SourceError(f"{root}: not a folder or image file — {_hint(root)}")
-        top = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=s3))
+        top = retrying(
+            lambda: fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=s3)), s3
+        )
         if s3 and not top:
             bucket = base.split("/")[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
@@ -245,7 +250,8 @@ def list_table(root: str) -> pa.Table:
         ]
 
         def list_folder(folder: str) -> pa.Table:
-            return _listing_rows(fs.get_file_info(pafs.FileSelector(folder, recursive=True)), base, shown)
+            selector = pafs.FileSelector(folder, recursive=True)
+            return _listing_rows(retrying(lambda: fs.get_file_info(selector), s3), base, shown)
 
         tables = [_listing_rows(top, base, shown)]
         if folders:
@@ -289,6 +295,25 @@ def transient(error: BaseException) -> bool:
 _PERMANENT_S3_ERRORS = ("ACCESS_DENIED", "AccessDenied", "NoSuchKey", "NoSuchBucket", "INVALID_")
 
 
+def retrying(call: Callable[[], T], retry: bool = True, attempts: int = DEFAULTS.read.attempts,
+             backoff_s: float = DEFAULTS.read.backoff_s) -> T:  # fmt: skip
+    """`call()`, tried up to `attempts` times in all while it fails in a way that may pass
+    (`transient`), pausing `backoff_s`, then twice that, ... (at most `DEFAULTS.read.max_backoff_s`,
+    with jitter) between tries. `retry=False`: one try."""
+    pause = backoff_s
+    for attempt in range(1, max(1, attempts if retry else 1) + 1):
+        try:
+            return call()
+        except OSError as e:
+            if not retry or attempt >= attempts or not transient(e):
+                if attempt > 1:
+                    raise OSError(f"{str(e).strip()} (after {attempt} attempts)") from None
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(pause * 2, DEFAULTS.read.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
 def read_bytes(
     uri: str,
     max_bytes: int | None = MAX_FILE_BYTES,
@@ -298,24 +323,10 @@ def read_bytes(
     """The bytes of a local file or an `s3://` object.
 
     Raises `FileNotFoundError` if it is gone, `FileTooLarge` (without reading it all) if it holds
-    more than `max_bytes`, and `OSError` for other read failures. An S3 read that fails in a way
-    that may pass (`transient`) is tried up to `attempts` times in all, pausing `backoff_s`, then
-    twice that, ... (at most `DEFAULTS.read.max_backoff_s`, with jitter) between tries.
+    more than `max_bytes`, and `OSError` for other read failures. S3 reads that fail in a way that
+    may pass are tried again (`retrying`: `attempts` in all, from `backoff_s` apart).
     """
-    if not is_s3(uri):
-        return _read_once(uri, max_bytes)
-    pause = backoff_s
-    for attempt in range(1, max(1, attempts) + 1):
-        try:
-            return _read_once(uri, max_bytes)
-        except OSError as e:
-            if attempt >= attempts or not transient(e):
-                if attempt > 1:
-                    raise OSError(f"{str(e).strip()} (after {attempt} attempts)") from None
-                raise
-        time.sleep(pause * random.uniform(0.5, 1.0))
-        pause = min(pause * 2, DEFAULTS.read.max_backoff_s)
-    raise AssertionError("unreachable")
+    return retrying(lambda: _read_once(uri, max_bytes), is_s3(uri), attempts, backoff_s)
 
 
 def _read_once(uri: str, max_bytes: int | None) -> bytes:
