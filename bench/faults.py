@@ -674,8 +674,12 @@ def disk_full(work: Path, n: int = 6000) -> Row:
                 return [hit["path"] for hit in r.json()["results"]]
 
             answer_before = ask()
-            # room for the staged embeddings (~n x 350 bytes), not for the new index beside the old
-            filler = fill(mount, leave_bytes=int(n * 350 * 1.6))
+            # room for the staged embeddings (n rows of 4·dim bytes + ~120 of path and metadata)
+            # but not for the new index written beside the old one (over twice that)
+            from imgsim import model as model_lib
+
+            dim = model_lib.load(run).config.dim
+            filler = fill(mount, leave_bytes=int(n * (4 * dim + 120) * 1.3))
             done = subprocess.run(
                 [IMGSIM, "index", str(data), "--model", str(run)], env=env(), capture_output=True, text=True
             )
@@ -693,6 +697,7 @@ def disk_full(work: Path, n: int = 6000) -> Row:
         rerun_s = time.monotonic() - t0
         reindexed = again.returncode == 0 and len(index_rows(run)[0]) == n
     one_line = done.returncode != 0 and len(stderr_lines) == 1 and "no space left" in stderr_lines[0]
+    stage = "staging" if "staging" in done.stderr else "index" if "writing the index" in done.stderr else "?"
     ok = one_line and intact and answer_after == answer_before and reload_ok and reindexed
     return Row(
         "disk-full",
@@ -700,7 +705,8 @@ def disk_full(work: Path, n: int = 6000) -> Row:
         0 if intact else 1,
         0 if answer_after == answer_before else 1,
         round(rerun_s, 1),
-        f"exit {done.returncode}: {stderr_lines[0] if stderr_lines else done.stderr.strip()[-200:]!r}; model and "
+        f"full while {stage}; exit {done.returncode}: "
+        f"{stderr_lines[0] if stderr_lines else done.stderr.strip()[-200:]!r}; model and "
         f"index unchanged: {intact}; served the same answers: {answer_after == answer_before}; re-run after "
         f"freeing space: {'ok' if reindexed else 'failed'}",
         {"stderr": done.stderr, "intact": intact},

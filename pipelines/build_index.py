@@ -39,7 +39,14 @@ from imgsim.config import DEFAULTS
 from imgsim.errors import DiskFull, ImgsimError, disk_full
 from imgsim.index import KMeansClusterer, KnnIndex
 from imgsim.progress import bar, log
-from imgsim.rows import FILE_SCHEMA, INDEX_COLUMNS, embedding_array, embedding_matrix, text_array
+from imgsim.rows import (
+    FILE_SCHEMA,
+    INDEX_COLUMNS,
+    READ_FAILURES,
+    embedding_array,
+    embedding_matrix,
+    text_array,
+)
 from imgsim.runs import RunPaths
 from imgsim.sources import list_table
 from pipelines.embed import StageTimes, embed_images, embed_in_process
@@ -191,8 +198,10 @@ def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
 
     A previous row whose file could not be read is not reused: the file is tried again."""
     from_staged = _unchanged(listing, staged)
-    retry = pc.starts_with(pc.fill_null(previous["error"], ""), "unreadable")
-    retry = pc.or_(retry, pc.starts_with(pc.fill_null(previous["error"], ""), "file vanished"))
+    errors = pc.fill_null(previous["error"], "")
+    retry = pc.starts_with(errors, READ_FAILURES[0])
+    for prefix in READ_FAILURES[1:]:
+        retry = pc.or_(retry, pc.starts_with(errors, prefix))
     usable = previous.filter(pc.invert(retry)) if previous.num_rows else previous
     from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, usable))
     todo_mask = (from_staged < 0) & (from_previous < 0)

@@ -244,3 +244,18 @@ def test_set_threads() -> None:
         assert index_lib.set_threads(1) == 1
     finally:
         index_lib.set_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_remove_and_add_keep_ids_as_row_numbers(kind: str) -> None:
+    # an incremental re-index drops rows from embeddings.parquet and appends new ones: the index
+    # must give the same ids as the rows' new positions
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(3000, 16)).astype(np.float32)
+    new = rng.normal(size=(50, 16)).astype(np.float32)
+    removed = np.array([0, 7, 1500, 2999])
+    index = KnnIndex(kind=kind, nlist=16, nprobe=16).fit(emb).remove(removed).add(new)
+    rows = np.concatenate([np.delete(emb, removed, axis=0), new])
+    assert len(index) == len(rows)
+    _, ids = index.search(rows[::50], k=1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(0, len(rows), 50))
