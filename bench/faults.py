@@ -425,15 +425,27 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout_s: float 
 @contextlib.contextmanager
 def serving(run: Path, ingress: str, replicas: int, work: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """`imgsim serve` in its own process group; (base URL, process); stopped with Ctrl-C after."""
-    port = free_port()
-    log = (work / f"serve-{ingress}.log").open("w")
-    cmd = [IMGSIM, "serve", "--model", str(run), "--port", str(port), "--replicas", str(replicas)]
-    proc = subprocess.Popen(
-        [*cmd, "--ingress", ingress], stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
+    for attempt in range(1, 4):  # on an overloaded machine Ray's start-up deadlines (30 s) can pass
+        port = free_port()
+        log = (work / f"serve-{ingress}.log").open("w")
+        cmd = [IMGSIM, "serve", "--model", str(run), "--port", str(port), "--replicas", str(replicas)]
+        proc = subprocess.Popen(
+            [*cmd, "--ingress", ingress],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env(),
+            start_new_session=True,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(base, proc, work / f"serve-{ingress}.log")
+            break
+        except RuntimeError:
+            log.close()
+            if attempt == 3:
+                raise
+            print(f"[faults] imgsim serve did not start (attempt {attempt}); starting it again", flush=True)
     try:
-        wait_healthy(base, proc, work / f"serve-{ingress}.log")
         yield base, proc
     finally:
         proc.send_signal(signal.SIGINT)
