@@ -232,6 +232,16 @@ def _staging(paths: RunPaths, fingerprint: str, full: bool) -> Path:
     return staging
 
 
+def _in_process(images: int, use_gpu: bool) -> bool:
+    """Embed here rather than in a Ray Data job: a few images, on CPU, on this one machine (not a
+    cluster: RAY_ADDRESS, or a Ray already connected to more than one node)."""
+    if use_gpu or images > DEFAULTS.index.in_process_max or os.environ.get("RAY_ADDRESS"):
+        return False
+    import ray
+
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+
+
 def _embed_into_staging(
     data: str,
     paths: RunPaths,
@@ -244,7 +254,7 @@ def _embed_into_staging(
     """Embed `todo` with the Ray Data job, writing each batch of rows to a staging part as it comes."""
     part = len(list(staging.glob("part-*.parquet")))
     written = []
-    if use_gpu or todo.num_rows > DEFAULTS.index.in_process_max or os.environ.get("RAY_ADDRESS"):
+    if not _in_process(todo.num_rows, use_gpu):
         ensure_ray()
         ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
         batches = ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy")
