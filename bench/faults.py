@@ -230,10 +230,10 @@ def train_worker_killed(work: Path, epochs: int = 8) -> Row:
     ]
     log = (work / "train.log").open("w")
     proc = subprocess.Popen(
-        [*cmd, "--json"], stdout=log, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+        [*cmd, "--json"], stdout=log, stderr=subprocess.STDOUT, env=env(), start_new_session=True
     )
     try:
-        at_kill = wait_for(lambda: latest_checkpoint(run), 600, "a first checkpoint")
+        at_kill = wait_for(lambda: latest_checkpoint(run), 1500, "a first checkpoint")
         victim = wait_for(lambda: ray_processes("RayTrainWorker", proc.pid), 60, "a Ray Train worker")[0]
         victim.kill()
         killed = time.monotonic()
