@@ -29,21 +29,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgsim import encoders
 from imgsim.atomic import atomic_write_bytes, atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
 from imgsim.runs import RunPaths
 
+#: Architectures (`ModelConfig.arch`): "small" is the original strided-conv autoencoder (flatten ->
+#: linear bottleneck), right for small greyscale images; "resnet" is a residual encoder with GeM
+#: pooling to the bottleneck and a light upsampling decoder, for colour photos at 64-128 px.
+ARCHS = ("small", "resnet")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture plus the preprocessing settings the model was trained with."""
+    """Architecture plus the preprocessing settings the model was trained with.
+
+    Fields added after the first release have defaults that reproduce the original model, so model
+    files written before them load unchanged (`from_dict` ignores keys it does not know).
+    """
 
     image_size: int = DEFAULTS.preprocess.image_size
     channels: int = DEFAULTS.preprocess.channels
     dim: int = DEFAULTS.train.dim
     widths: tuple[int, ...] = (32, 64, 128)
-    proj_dim: int = 64  # contrastive projection head (training only)
+    proj_dim: int = 64  # contrastive projection head (training only); 0 = the loss sees z itself
+    arch: str = "small"
+    recon_size: int = 0  # "resnet": side of the reconstruction (0 = image_size)
+    blocks: int = 1  # "resnet": residual blocks per stage
+    decoder_width: int = 64  # "resnet": channels of the decoder's first map (halved per upsampling)
+    recipe: str = ""  # the training recipe's name (imgsim.recipes), for the record
+    # the search embedding averages the bottlenecks of the image and its mirror image: mirror
+    # invariance by construction, at twice the encoder's cost per indexed or query image
+    mirror_symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +94,97 @@ def _deconv_block(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs with a shortcut (average-pool + 1x1 conv when the shape changes, ResNet-D)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        shortcut: list[nn.Module] = []
+        if stride > 1:
+            shortcut.append(nn.AvgPool2d(stride, ceil_mode=True))
+        if c_in != c_out:
+            shortcut += [nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.shortcut = nn.Sequential(*shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over space, (mean x^p)^(1/p) with a learnt p: between average (p=1)
+    and max pooling; the usual pooling for instance retrieval and copy detection."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(1.0, 8.0)
+        return x.clamp(min=self.eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class ResEncoder(nn.Module):
+    """Stride-2 stem, one stage per width (the first at the stem's resolution, then stride 2), GeM,
+    linear to the bottleneck: works at any input size."""
+
+    def __init__(self, channels: int, widths: tuple[int, ...], dim: int, blocks: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, widths[0], 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        ]
+        c_in = widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(ResidualBlock(c_in, w, 2 if (i > 0 and b == 0) else 1))
+                c_in = w
+        self.features = nn.Sequential(*layers)
+        self.pool = GeM()
+        self.to_z = nn.Linear(c_in, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_z(self.pool(self.features(x)))
+
+
+class LightDecoder(nn.Module):
+    """Bottleneck -> a 4x4 map -> (upsample x2, 3x3 conv) until `size` -> image in [0, 1]."""
+
+    def __init__(self, dim: int, channels: int, size: int, width: int = 64) -> None:
+        super().__init__()
+        self.grid = 4
+        ups = max(0, math.ceil(math.log2(size / self.grid)))
+        chans = [max(16, width >> i) for i in range(ups + 1)]  # halved at each upsampling
+        self.start = chans[0]
+        self.from_z = nn.Sequential(nn.Linear(dim, chans[0] * self.grid * self.grid), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        for a, b in zip(chans[:-1], chans[1:], strict=True):
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(a, b, 3, padding=1, bias=False),
+                nn.BatchNorm2d(b),
+                nn.ReLU(inplace=True),
+            ]
+        layers.append(nn.Conv2d(chans[-1], channels, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.size = size
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.from_z(z).view(-1, self.start, self.grid, self.grid)
+        out = torch.sigmoid(self.net(h))
+        if out.shape[-1] != self.size:
+            out = F.interpolate(out, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return out
+
+
 @dataclass
 class AutoEncoderOutput:
     recon: torch.Tensor  # (N, C, S, S) in [0, 1]
@@ -86,29 +199,44 @@ class AutoEncoder(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         w = config.widths
-        # Every stride-2 conv halves the side; pad the input up to a multiple of 2**len(widths).
-        self.scale = 2 ** len(w)
-        self.grid = math.ceil(config.image_size / self.scale)
-        self.padded = self.grid * self.scale
-        # encoder: one stride-2 conv per width (S -> S/2 -> ... -> grid)
-        self.encoder_conv = nn.Sequential(
-            *[_conv_block(a, b, 2) for a, b in zip((config.channels, *w[:-1]), w, strict=True)]
-        )
-        flat = w[-1] * self.grid * self.grid
-        self.to_z = nn.Linear(flat, config.dim)
-        self.from_z = nn.Sequential(nn.Linear(config.dim, flat), nn.ReLU(inplace=True))
-        # decoder: mirrored transposed convs (grid -> ... -> S); the last one outputs the image
-        rev = tuple(reversed(w))
-        self.decoder_conv = nn.Sequential(
-            *[_deconv_block(a, b) for a, b in zip(rev[:-1], rev[1:], strict=True)],
-            nn.ConvTranspose2d(rev[-1], config.channels, 4, stride=2, padding=1),
-        )
-        self.projector = nn.Sequential(
-            nn.Linear(config.dim, config.dim), nn.ReLU(inplace=True), nn.Linear(config.dim, config.proj_dim)
-        )
+        if config.arch == "resnet":
+            self.scale, self.padded = 1, config.image_size  # any size: no padding
+            self.encoder = ResEncoder(config.channels, w, config.dim, config.blocks)
+            self.decoder = LightDecoder(config.dim, config.channels, self.recon_size, config.decoder_width)
+        else:
+            # Every stride-2 conv halves the side; pad the input up to a multiple of 2**len(widths).
+            self.scale = 2 ** len(w)
+            self.grid = math.ceil(config.image_size / self.scale)
+            self.padded = self.grid * self.scale
+            # encoder: one stride-2 conv per width (S -> S/2 -> ... -> grid)
+            self.encoder_conv = nn.Sequential(
+                *[_conv_block(a, b, 2) for a, b in zip((config.channels, *w[:-1]), w, strict=True)]
+            )
+            flat = w[-1] * self.grid * self.grid
+            self.to_z = nn.Linear(flat, config.dim)
+            self.from_z = nn.Sequential(nn.Linear(config.dim, flat), nn.ReLU(inplace=True))
+            # decoder: mirrored transposed convs (grid -> ... -> S); the last one outputs the image
+            rev = tuple(reversed(w))
+            self.decoder_conv = nn.Sequential(
+                *[_deconv_block(a, b) for a, b in zip(rev[:-1], rev[1:], strict=True)],
+                nn.ConvTranspose2d(rev[-1], config.channels, 4, stride=2, padding=1),
+            )
+        if config.proj_dim:
+            self.projector = nn.Sequential(
+                nn.Linear(config.dim, config.dim),
+                nn.ReLU(inplace=True),
+                nn.Linear(config.dim, config.proj_dim),
+            )
+        else:
+            self.projector = nn.Identity()
         # embedding post-processing fitted on the training data after training (see fit_whitening)
         self.register_buffer("emb_mean", torch.zeros(config.dim))
         self.register_buffer("emb_whiten", torch.eye(config.dim))
+
+    @property
+    def recon_size(self) -> int:
+        """Side of the reconstruction (the input's for "small"; `recon_size` if set for "resnet")."""
+        return self.config.recon_size or self.config.image_size
 
     # -- pieces ---------------------------------------------------------------------------------
     def to_float(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,15 +249,27 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Bottleneck z (N, D) for float images already passed through `to_float`."""
+        if self.config.arch == "resnet":
+            return self.encoder(x)
         h = self.encoder_conv(x)
         return self.to_z(h.flatten(1))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Reconstruction in [0, 1] of the original (unpadded) size."""
+        """Reconstruction in [0, 1], `recon_size` square (the input's unpadded size for "small")."""
+        if self.config.arch == "resnet":
+            return self.decoder(z)
         h = self.from_z(z).view(-1, self.config.widths[-1], self.grid, self.grid)
         out = torch.sigmoid(self.decoder_conv(h))
         s = self.config.image_size
         return out[..., :s, :s]
+
+    def embedding_z(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck the search embedding is made of (mirror-averaged if `mirror_symmetric`),
+        for float images already passed through `to_float`; before centring/whitening."""
+        z = self.encode(x)
+        if self.config.mirror_symmetric:
+            z = (z + self.encode(x.flip(-1))) / 2
+        return z
 
     def forward(self, x: torch.Tensor) -> AutoEncoderOutput:
         z = self.encode(self.to_float(x))
@@ -148,7 +288,7 @@ class AutoEncoder(nn.Module):
         out = []
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size].to(device, non_blocking=True)
-            z = self.encode(self.to_float(x)).float()
+            z = self.embedding_z(self.to_float(x)).float()
             out.append(((z - self.emb_mean) @ self.emb_whiten).cpu())
         self.train(was_training)
         if not out:
@@ -180,11 +320,21 @@ def save(model: AutoEncoder, run_dir: str | os.PathLike[str], extra: dict | None
     return path
 
 
-def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> AutoEncoder:
-    """Load a trained model (no Ray needed), in eval mode, with `.config` and `.fingerprint`."""
+def _no_model(path: Path, run_dir: str | os.PathLike[str]) -> RunNotFound:
+    return RunNotFound(
+        f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` "
+        f"(or `imgsim import-encoder MODEL_FILE --out {run_dir}`) first"
+    )
+
+
+def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encoder:
+    """Load RUN's model (no Ray needed), in eval mode, with `.config` and `.fingerprint`: the trained
+    AutoEncoder, or the encoder `imgsim import-encoder` stored (`imgsim.encoders`)."""
     path = _model_path(run_dir)
+    if not path.is_file() and encoders.is_imported(path.parent.parent):
+        return encoders.load(path.parent.parent, device=device)
     if not path.is_file():
-        raise RunNotFound(f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` first")
+        raise _no_model(path, run_dir)
     data = path.read_bytes()
     payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     model = AutoEncoder(ModelConfig.from_dict(payload["config"]))
@@ -197,13 +347,17 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> AutoEncoder:
 def fingerprint(run_dir: str | os.PathLike[str]) -> str:
     """A short hash of the saved model file: changes whenever the weights or config change."""
     path = _model_path(run_dir)
+    if not path.is_file() and encoders.is_imported(path.parent.parent):
+        return encoders.fingerprint(path.parent.parent)
     if not path.is_file():
-        raise RunNotFound(f"no trained model at {path} — run `imgsim train DATA --out {run_dir}` first")
+        raise _no_model(path, run_dir)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def describe(model: AutoEncoder) -> str:
-    """One line: architecture size, for logs."""
+def describe(model: encoders.Encoder) -> str:
+    """One line: architecture size, for logs (an imported encoder describes itself)."""
+    if not isinstance(model, AutoEncoder):
+        return model.describe()  # type: ignore[attr-defined]
     n = sum(p.numel() for p in model.parameters())
     return f"AutoEncoder({json.dumps(model.config.to_dict())}, {n:,} parameters)"
 
@@ -282,6 +436,8 @@ def training_loss(
     views = torch.cat([augment(x), augment(x)]) if nce_weight > 0 else augment(x)
     out = model(views)
     clean = x[..., :s, :s]
+    if out.recon.shape[-1] != s:  # a decoder at a lower resolution ("resnet" with recon_size)
+        clean = F.interpolate(clean, size=tuple(out.recon.shape[-2:]), mode="area")
     rec_loss = F.mse_loss(out.recon, torch.cat([clean, clean]) if nce_weight > 0 else clean)
     if nce_weight <= 0:
         return rec_loss, {"recon": float(rec_loss.detach()), "nce": 0.0}

@@ -2,7 +2,8 @@
 
 ```
 RUN/
-  model/model.pt, model/config.json     the trained (or imported) encoder: imgsim.model
+  model/model.pt, model/config.json     the trained encoder: imgsim.model
+  model/encoder.pt|.pt2, encoder.json   or an imported one (TorchScript | torch.export): imgsim.encoders
   checkpoints/train-state.json, <name>/ Ray Train checkpoints and what --resume needs
   plots/loss.png, plots/tsne.png, ...   plots
   index/                                replaced whole by each `imgsim index` (imgsim.atomic)
@@ -45,6 +46,15 @@ class RunPaths:
     def model_config(self) -> Path:
         """A readable copy of the model's configuration (model.pt holds the one that is used)."""
         return self.model_dir / "config.json"
+
+    @property
+    def encoder_manifest(self) -> Path:
+        """An imported encoder's settings (format, input size, mean/std, dim, file hash)."""
+        return self.model_dir / "encoder.json"
+
+    def encoder_file(self, format: str) -> Path:
+        """An imported encoder's file: "torchscript" → encoder.pt, "export" → encoder.pt2."""
+        return self.model_dir / ("encoder.pt2" if format == "export" else "encoder.pt")
 
     # -- training -----------------------------------------------------------------------------------
     @property

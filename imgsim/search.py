@@ -24,6 +24,7 @@ from PIL import Image
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.decode import DecodeError, decode_image, open_image, prepare_image
+from imgsim.encoders import Encoder
 from imgsim.errors import BadQuery, RunNotFound
 from imgsim.fetch import fetch_url
 from imgsim.index import KMeansClusterer, KnnIndex
@@ -59,11 +60,12 @@ def is_url(x: object) -> bool:
 
 
 class Searcher:
-    """A loaded run: the encoder, the KMeans centroids, the KNN index and the indexed records."""
+    """A loaded run: the encoder (trained or imported, see `imgsim.encoders.Encoder`), the KMeans
+    centroids, the KNN index and the indexed records."""
 
     def __init__(
         self,
-        model: model_lib.AutoEncoder,
+        model: Encoder,
         index: KnnIndex,
         clusterer: KMeansClusterer,
         paths: Sequence[str],

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from imgsim import model as model_lib
 from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
+from imgsim.encoders import check_trainable
 from imgsim.errors import ImgsimError
 from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss
 from imgsim.plots import plot_loss
@@ -384,6 +385,7 @@ def train(
     `epochs`: passes over the data; None = the default length (see `plan_training`).
     """
     paths = RunPaths(Path(out).resolve())
+    check_trainable(paths.root)  # an imported encoder cannot be trained or resumed
     paths.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     refs = list_images(data)
     random.Random(seed).shuffle(refs)  # listing is sorted by class folder; batches must mix classes

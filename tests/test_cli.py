@@ -9,7 +9,7 @@ import pytest
 
 from imgsim.cli import build_parser, main
 
-CONTRACT_COMMANDS = ["dataset", "train", "index", "query", "eval", "tsne", "serve", "demo"]
+CONTRACT_COMMANDS = ["dataset", "train", "index", "query", "eval", "tsne", "serve", "import-encoder", "demo"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,6 +41,7 @@ CONTRACT_FLAGS = {
     "eval": ["--model", "--queries", "-k", "--json"],
     "tsne": ["--model", "--out"],
     "serve": ["--model", "--host", "--port", "--replicas"],
+    "import-encoder": ["--out", "--image-size", "--channels", "--mean", "--std"],
     "demo": ["--work"],
 }
 

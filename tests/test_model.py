@@ -114,3 +114,50 @@ def test_plain_objective_reports_no_contrastive_term() -> None:
     x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
     loss, parts = training_loss(m, x, Augment(), 0.0)
     assert parts["nce"] == 0.0 and float(loss) == pytest.approx(parts["recon"])
+
+
+def test_a_model_file_from_before_the_arch_field_loads_unchanged(tmp_path: Path) -> None:
+    """Model files written before `arch`/`recipe` existed hold only the original five fields."""
+    m = AutoEncoder(ModelConfig(image_size=32, channels=1, dim=16, widths=(8, 16, 32)))
+    model_lib.save(m, tmp_path)
+    path = tmp_path / "model" / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = {
+        k: payload["config"][k] for k in ("image_size", "channels", "dim", "widths", "proj_dim")
+    }
+    torch.save(payload, path)
+    loaded = model_lib.load(tmp_path)
+    assert loaded.config.arch == "small"
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    np.testing.assert_array_equal(loaded.embed(x), m.embed(x))
+
+
+@pytest.mark.parametrize("size,channels", [(48, 3), (64, 3), (64, 1), (96, 3)])
+def test_resnet_arch_shapes_and_round_trip(tmp_path: Path, size: int, channels: int) -> None:
+    config = ModelConfig(
+        image_size=size, channels=channels, dim=24, widths=(8, 16, 32), arch="resnet", recon_size=32
+    )
+    m = AutoEncoder(config)
+    x = torch.randint(0, 256, (2, channels, size, size), dtype=torch.uint8)
+    out = m(x)
+    assert out.recon.shape == (2, channels, 32, 32) and out.z.shape == (2, 24)
+    model_lib.save(m, tmp_path)
+    loaded = model_lib.load(tmp_path)
+    assert loaded.config == config
+    np.testing.assert_allclose(loaded.embed(x), m.embed(x), atol=1e-5)
+
+
+def test_unknown_arch_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose from small, resnet"):
+        ModelConfig(arch="vit")
+
+
+def test_mirror_symmetric_embedding_ignores_a_mirror() -> None:
+    config = ModelConfig(
+        image_size=32, channels=3, dim=8, widths=(8, 16), arch="resnet", mirror_symmetric=True
+    )
+    m = AutoEncoder(config)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    np.testing.assert_allclose(m.embed(x), m.embed(x.flip(-1)), atol=1e-5)
+    plain = AutoEncoder(ModelConfig(**{**config.to_dict(), "mirror_symmetric": False}))
+    assert not np.allclose(plain.embed(x), plain.embed(x.flip(-1)), atol=1e-3)
