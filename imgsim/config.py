@@ -66,6 +66,10 @@ class IndexConfig:
     nprobe: int = 16
     embed_batch_size: int = 256
     concurrency: int = 2
+    # Up to this many images to embed (a small re-index), `imgsim index` embeds them in its own
+    # process instead of starting a Ray Data job, whose start-up costs more (docs/scaling.md);
+    # never when it runs on a cluster (RAY_ADDRESS) or on a GPU.
+    in_process_max: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,19 @@ class DuplicatesConfig:
     max_neighbours: int = 64
     max_matches: int = 100  # matches returned for one query (`query --duplicates`, POST /duplicates)
     html_groups: int = 500  # groups drawn in duplicates.html (all of them are in the JSONL and CSV)
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """Reading an image's bytes from S3 (`imgsim.sources.read_bytes`): a failure that may pass (the
+    store unreachable, a time-out, throttling) is tried again after a growing pause; one that
+    still fails after `attempts` tries is skipped with its reason (and tried again by the next
+    `imgsim index`). With these defaults the pauses add up to 0.5+1+2+4+8 = 15.5 s, enough to ride
+    out a store that restarts."""
+
+    attempts: int = 6
+    backoff_s: float = 0.5  # pause before the second try; doubled after each failure
+    max_backoff_s: float = 8.0
 
 
 #: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
@@ -118,6 +135,7 @@ class Defaults:
     search: SearchConfig = field(default_factory=SearchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
 
 
 DEFAULTS = Defaults()

@@ -25,3 +25,17 @@ class BadQuery(ImgsimError):
         super().__init__(f"{query}: {reason}" if query else reason)
         self.reason = reason
         self.query = query
+
+
+class DiskFull(ImgsimError):
+    """A write ran out of disk space; what was there before is unchanged."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """True if `error` (an OSError, or faiss's RuntimeError from a failed write) means the disk is full."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Errno 28" in text or "Disk quota exceeded" in text

@@ -58,6 +58,7 @@ INDEX_FILE = "knn.faiss"
 IVF_TRAIN_POINTS_PER_LIST = 64  # training sample per IVF partition (faiss wants at least 39)
 IVF_TRAIN_ITERATIONS = 10  # KMeans iterations for the coarse quantiser
 GATHER_MIN_QUERIES = 64  # search_within on an exact index: from this many queries per cluster, use BLAS
+CHUNK_ROWS = 65_536  # rows normalised and added to faiss at a time (no copy of the whole matrix)
 THREADS_ENV = "IMGSIM_THREADS"
 RANGE_CHUNK = 8192  # range_search queries per faiss call (bounds the memory of one call's matches)
 RANGE_TOLERANCE = 1e-6  # a pair exactly at the distance limit is kept despite float rounding
@@ -176,12 +177,17 @@ class KMeansClusterer:
         return metric_space(x, self.metric)
 
     def fit(self, emb: np.ndarray) -> KMeansClusterer:
-        """Learn the centroids (best of `n_init` runs) and each embedding's cluster."""
+        """Learn the centroids (best of `n_init` runs) and each embedding's cluster.
+
+        The centroids are learnt on at most `max_points_per_centroid` rows per cluster, picked at
+        random with `seed` (all of them below that): a copy of that sample, not of `emb`, is made.
+        """
         _default_threads()
-        x = self._space(emb)
-        if len(x) == 0:
+        n = len(emb)
+        if n == 0:
             raise ValueError("cannot cluster an empty set of embeddings")
-        k = min(self.n_clusters, len(x))
+        k = min(self.n_clusters, n)
+        x = self._space(_sample(emb, k * self.max_points_per_centroid, self.seed))
         km = faiss.Kmeans(
             x.shape[1],
             k,
@@ -194,10 +200,13 @@ class KMeansClusterer:
             verbose=False,
         )
         km.train(x)
+        del x
         self.centroids_ = np.ascontiguousarray(km.centroids, dtype=np.float32)
         self.n_clusters_ = k
         self._centroid_index = None
-        self.labels_ = self.predict(x)
+        self.labels_ = np.concatenate(
+            [self.predict(emb[i : i + CHUNK_ROWS]) for i in range(0, n, CHUNK_ROWS)]
+        )
         return self
 
     def predict(self, q: np.ndarray) -> np.ndarray:
@@ -229,6 +238,14 @@ class KMeansClusterer:
         obj.n_clusters_ = len(obj.centroids_)
         obj._centroid_index = None
         return obj
+
+
+def _sample(emb: np.ndarray, at_most: int, seed: int) -> np.ndarray:
+    """`emb` itself when it has at most `at_most` rows, else that many of its rows picked at random."""
+    if len(emb) <= at_most:
+        return emb
+    rows = np.sort(np.random.default_rng(seed).choice(len(emb), at_most, replace=False))
+    return emb[rows]
 
 
 def _faiss_metric(metric: str) -> int:
@@ -278,8 +295,8 @@ class KnnIndex:
         the cluster's size (`search_within` gives the same results on any index, but scans all N).
         """
         _default_threads()
-        x = self._space(emb)
-        n, d = x.shape
+        emb = as_matrix(emb)
+        n, d = emb.shape
         if n == 0:
             raise ValueError("cannot index an empty set of embeddings")
         ivf = centroids is not None or self.kind == "ivf" or (self.kind == "auto" and n >= self.ivf_threshold)
@@ -305,16 +322,48 @@ class KnnIndex:
             index.cp.spherical = self.metric == "cosine"
             index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_LIST
             index.cp.min_points_per_centroid = 1
-            index.train(x)
+            # faiss would sample this many itself, from a normalised copy of everything
+            index.train(self._space(_sample(emb, self.nlist_ * IVF_TRAIN_POINTS_PER_LIST, self.seed)))
             index.nprobe = min(self.nprobe, self.nlist_)
             self._quantiser = quantiser  # the IVF index does not own it from Python
         else:
             index = faiss.IndexFlat(d, metric)
-        index.add(x)
         self.index_ = index
         self.kind_ = "ivf" if ivf else "exact"
-        self.n_, self.dim_ = n, d
+        self.n_, self.dim_ = 0, d
         self._within_cache: tuple[Any, dict[int, tuple[np.ndarray, int]]] | None = None
+        return self.add(emb)
+
+    def add(self, emb: np.ndarray) -> KnnIndex:
+        """Append the rows of `emb`: they get the ids n, n+1, ... (n: the size before)."""
+        emb = as_matrix(emb)
+        if emb.shape[1] != self.dim_:
+            raise ValueError(f"embeddings have dimension {emb.shape[1]}, the index {self.dim_}")
+        for i in range(0, len(emb), CHUNK_ROWS):
+            self.index_.add(self._space(emb[i : i + CHUNK_ROWS]))
+        self.n_ = int(self.index_.ntotal)
+        self._within_cache = None
+        return self
+
+    def remove(self, ids: np.ndarray) -> KnnIndex:
+        """Drop the items `ids`; the others' ids shift down so that ids stay row numbers (as when
+        the same rows are filtered out of embeddings.parquet)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if len(ids) == 0:
+            return self
+        if ids[0] < 0 or ids[-1] >= self.n_:
+            raise ValueError(f"ids to remove must be in 0..{self.n_ - 1}")
+        self.index_.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids)))
+        if self.kind_ == "ivf":  # IVF keeps explicit ids: renumber them (a flat index compacts itself)
+            new_id = np.arange(self.n_, dtype=np.int64) - np.searchsorted(ids, np.arange(self.n_))
+            invlists = self.index_.invlists
+            for list_no in range(self.index_.nlist):
+                size = invlists.list_size(list_no)
+                if size:
+                    stored = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+                    stored[:] = new_id[stored]
+        self.n_ = int(self.index_.ntotal)
+        self._within_cache = None
         return self
 
     def __len__(self) -> int:

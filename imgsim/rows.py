@@ -55,6 +55,16 @@ def as_text(value: object) -> str | None:
 error_reason = as_text  # the skip reason in an `error` cell, or None when the image is fine
 
 
+#: Skip reasons that come from reading a file, not from its bytes: the next `imgsim index` tries
+#: those files again (the store may be back), while a corrupt image stays skipped until it changes.
+READ_FAILURES = ("unreadable", "file vanished")
+
+
+def is_read_failure(reason: object) -> bool:
+    """True for a skip reason of a file that could not be read (see `READ_FAILURES`)."""
+    return isinstance(reason, str) and reason.startswith(READ_FAILURES)
+
+
 def ok_mask(errors: Sequence[object] | np.ndarray) -> np.ndarray:
     """Boolean mask of the rows whose image decoded."""
     return np.array([error_reason(e) is None for e in errors], dtype=bool)

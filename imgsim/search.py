@@ -13,10 +13,12 @@ from __future__ import annotations
 import mimetypes
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -34,6 +36,27 @@ from imgsim.sources import read_bytes
 Query = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
+class TextColumn(Sequence):
+    """A string column kept as one Arrow array (no Python object per row); items are str or None.
+
+    A Serve replica holds the paths and labels of every indexed image: at 1M images, Python lists
+    of them took several hundred MB per replica (docs/scaling.md).
+    """
+
+    def __init__(self, values: pa.Array | pa.ChunkedArray | Sequence[str | None]) -> None:
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        self._values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self._values[i].to_pylist()
+        return self._values[i].as_py()
+
+
 def is_url(x: object) -> bool:
     return isinstance(x, str) and x.split(":", 1)[0].lower() in ("http", "https")
 
@@ -47,8 +70,8 @@ class Searcher:
         model: Encoder,
         index: KnnIndex,
         clusterer: KMeansClusterer,
-        paths: list[str],
-        labels: list[str | None],
+        paths: Sequence[str],
+        labels: Sequence[str | None],
         clusters: np.ndarray,
         allow_private_urls: bool = DEFAULTS.search.allow_private_urls,
         max_query_bytes: int = DEFAULTS.serve.max_body_bytes,
@@ -57,8 +80,8 @@ class Searcher:
         self.model = model
         self.index = index
         self.clusterer = clusterer
-        self.paths = paths
-        self.labels = labels
+        self.paths = paths if isinstance(paths, TextColumn) else TextColumn(paths)
+        self.labels = labels if isinstance(labels, TextColumn) else TextColumn(labels)
         self.clusters = clusters
         self.allow_private_urls = allow_private_urls
         self.max_query_bytes = max_query_bytes
@@ -85,13 +108,16 @@ class Searcher:
             raise RunNotFound(f"no index in {paths.root} — run `imgsim index DATA --model {run}` first")
         index = KnnIndex.load(paths.index_dir, expect_fingerprint=model.fingerprint)  # type: ignore[attr-defined]
         clusterer = KMeansClusterer.load(paths.kmeans_dir)
-        table = pq.read_table(paths.embeddings, columns=["path", "label", "cluster"])
+        # labels repeat: read as a dictionary column (one copy of each distinct label)
+        table = pq.read_table(
+            paths.embeddings, columns=["path", "label", "cluster"], read_dictionary=["label"]
+        )
         return cls(
             model,
             index,
             clusterer,
-            table["path"].to_pylist(),
-            table["label"].to_pylist(),
+            TextColumn(table["path"]),
+            TextColumn(table["label"]),
             table["cluster"].to_numpy(),
             allow_private_urls=allow_private_urls,
             run=paths.root,

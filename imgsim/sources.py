@@ -18,15 +18,22 @@ S3 filesystems are built *explicitly* from the standard AWS settings, because py
 from __future__ import annotations
 
 import os
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from imgsim.config import IMAGE_EXTENSIONS, MAX_FILE_BYTES
+from imgsim.config import DEFAULTS, IMAGE_EXTENSIONS, MAX_FILE_BYTES
 from imgsim.errors import ImgsimError
 
 S3_PREFIX = "s3://"
+T = TypeVar("T")
 
 #: The environment variables that decide how S3 is reached (handed on to Ray workers).
 AWS_SETTINGS = (
@@ -167,11 +174,45 @@ def _hint(root: str) -> str:
     return "check the path"
 
 
-def list_images(root: str) -> list[ImageRef]:
-    """Every image under `root`, recursively, sorted by path; raises `SourceError` if there is none.
+#: Top-level folders listed at once (S3 listings are latency-bound: one page of 1,000 keys a request).
+LIST_THREADS = 8
+
+#: The columns of a listing table (`list_table`), one row per image.
+LISTING_SCHEMA = pa.schema(
+    [("path", pa.string()), ("label", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())]
+)
+
+
+def _listing_rows(infos: list[pafs.FileInfo], base: str, shown: str) -> pa.Table:
+    """The image files among `infos` (found under `base`) as listing rows."""
+    paths, sizes, mtimes = [], [], []
+    labels: list[str | None] = []
+    for f in infos:
+        if f.type != pafs.FileType.File or not is_image_name(f.base_name):
+            continue
+        rel = f.path[len(base) :].lstrip("/")
+        parts = rel.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue
+        paths.append(f"{shown}/{rel}")
+        labels.append(parts[0] if len(parts) > 1 else None)
+        sizes.append(int(f.size or 0))
+        mtimes.append(int(f.mtime_ns or 0))
+    return pa.Table.from_arrays(
+        [pa.array(paths, pa.string()), pa.array(labels, pa.string()), pa.array(sizes, pa.int64()),
+         pa.array(mtimes, pa.int64())],
+        schema=LISTING_SCHEMA,
+    )  # fmt: skip
+
+
+def list_table(root: str) -> pa.Table:
+    """Every image under `root`, recursively, as an Arrow table (`LISTING_SCHEMA`: path, label, size,
+    mtime) sorted by path; raises `SourceError` if there is none.
 
     Images have one of `IMAGE_EXTENSIONS` (any case). Hidden files and folders (name starting with
     ".") are left out, as are things that are not regular files. `root` may also be one image file.
+    Each top-level folder is listed on its own (`LIST_THREADS` at a time) and turned into columns
+    at once, so a million images never exist as a million Python objects.
     """
     s3 = is_s3(root)
     fs, base = filesystem_for(root)
@@ -182,43 +223,113 @@ def list_images(root: str) -> list[ImageRef]:
         if info.type == pafs.FileType.File:
             if not is_image_name(info.base_name):
                 raise SourceError(f"{root}: not an image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-            return [ImageRef(shown, None, int(info.size or 0), int(info.mtime_ns or 0))]
+            return pa.Table.from_pylist(
+                [
+                    {
+                        "path": shown,
+                        "label": None,
+                        "size": int(info.size or 0),
+                        "mtime": int(info.mtime_ns or 0),
+                    }
+                ],
+                schema=LISTING_SCHEMA,
+            )
         if info.type == pafs.FileType.NotFound and not s3:
             raise SourceError(f"{root}: no such folder — {_hint(root)}")
         if not s3 and info.type != pafs.FileType.Directory:
             raise SourceError(f"{root}: not a folder or image file — {_hint(root)}")
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=s3))
-        if s3 and not infos:
+        top = retrying(
+            lambda: fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=s3)), s3
+        )
+        if s3 and not top:
             bucket = base.split("/")[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise SourceError(f"{root}: no such bucket {bucket!r} — {_hint(root)}")
+        folders = [
+            f.path for f in top if f.type == pafs.FileType.Directory and not f.base_name.startswith(".")
+        ]
+
+        def list_folder(folder: str) -> pa.Table:
+            selector = pafs.FileSelector(folder, recursive=True)
+            return _listing_rows(retrying(lambda: fs.get_file_info(selector), s3), base, shown)
+
+        tables = [_listing_rows(top, base, shown)]
+        if folders:
+            with ThreadPoolExecutor(min(LIST_THREADS, len(folders))) as pool:
+                tables += list(pool.map(list_folder, folders))
     except SourceError:
         raise
     except (OSError, ValueError) as e:
         raise SourceError(f"{root}: cannot list ({str(e).strip()}) — {_hint(root)}") from None
-    refs = []
-    for f in infos:
-        if f.type != pafs.FileType.File or not is_image_name(f.base_name):
-            continue
-        rel = f.path[len(base) :].lstrip("/")
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        path = f"{shown}/{rel}"
-        refs.append(ImageRef(path, label_for(shown, path), int(f.size or 0), int(f.mtime_ns or 0)))
-    if not refs:
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
         raise SourceError(
             f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case) — {_hint(root)}"
         )
-    refs.sort(key=lambda r: r.path)
-    return refs
+    return table.sort_by("path").combine_chunks()
 
 
-def read_bytes(uri: str, max_bytes: int | None = MAX_FILE_BYTES) -> bytes:
+def list_images(root: str) -> list[ImageRef]:
+    """`list_table(root)` as one `ImageRef` per image (for small collections and samples)."""
+    table = list_table(root)
+    return [
+        ImageRef(p, lab, s, m)
+        for p, lab, s, m in zip(
+            table["path"].to_pylist(),
+            table["label"].to_pylist(),
+            table["size"].to_pylist(),
+            table["mtime"].to_pylist(),
+            strict=True,
+        )
+    ]
+
+
+def transient(error: BaseException) -> bool:
+    """True for a read failure that may pass if tried again (not: gone, refused, too large)."""
+    if isinstance(error, FileNotFoundError | FileTooLarge | PermissionError | IsADirectoryError):
+        return False
+    text = str(error)
+    return isinstance(error, OSError) and not any(s in text for s in _PERMANENT_S3_ERRORS)
+
+
+_PERMANENT_S3_ERRORS = ("ACCESS_DENIED", "AccessDenied", "NoSuchKey", "NoSuchBucket", "INVALID_")
+
+
+def retrying(call: Callable[[], T], retry: bool = True, attempts: int = DEFAULTS.read.attempts,
+             backoff_s: float = DEFAULTS.read.backoff_s) -> T:  # fmt: skip
+    """`call()`, tried up to `attempts` times in all while it fails in a way that may pass
+    (`transient`), pausing `backoff_s`, then twice that, ... (at most `DEFAULTS.read.max_backoff_s`,
+    with jitter) between tries. `retry=False`: one try."""
+    pause = backoff_s
+    for attempt in range(1, max(1, attempts if retry else 1) + 1):
+        try:
+            return call()
+        except OSError as e:
+            if not retry or attempt >= attempts or not transient(e):
+                if attempt > 1:
+                    raise OSError(f"{str(e).strip()} (after {attempt} attempts)") from None
+                raise
+        time.sleep(pause * random.uniform(0.5, 1.0))
+        pause = min(pause * 2, DEFAULTS.read.max_backoff_s)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(
+    uri: str,
+    max_bytes: int | None = MAX_FILE_BYTES,
+    attempts: int = DEFAULTS.read.attempts,
+    backoff_s: float = DEFAULTS.read.backoff_s,
+) -> bytes:
     """The bytes of a local file or an `s3://` object.
 
     Raises `FileNotFoundError` if it is gone, `FileTooLarge` (without reading it all) if it holds
-    more than `max_bytes`, and `OSError` for other read failures.
+    more than `max_bytes`, and `OSError` for other read failures. S3 reads that fail in a way that
+    may pass are tried again (`retrying`: `attempts` in all, from `backoff_s` apart).
     """
+    return retrying(lambda: _read_once(uri, max_bytes), is_s3(uri), attempts, backoff_s)
+
+
+def _read_once(uri: str, max_bytes: int | None) -> bytes:
     want = -1 if max_bytes is None else max_bytes + 1  # one byte more tells "too large" apart
     if not is_s3(uri):
         with open(uri, "rb") as f:

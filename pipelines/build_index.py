@@ -1,21 +1,31 @@
 """Index: embed (incrementally) → Parquet → KMeans → KNN, written as one atomic directory swap.
 
 Incremental: every row records its input's size and modification time, and `manifest.json` the
-model's fingerprint. A re-run embeds only new or changed images, drops removed ones and reuses the
-stored embeddings (and stored skip reasons); a different model means a full re-embed. Resumable:
-embeddings stream into part files under `RUN/.index-staging-<model>/` as batches finish, so a
-killed run picks up where it stopped. The new `RUN/index/` is built beside the old one and swapped
-in whole (`imgsim.atomic`), so readers never see a half-written index.
+model's fingerprint. A re-run embeds only new or changed images (and tries again the files that
+could not be read), drops removed ones and reuses the stored embeddings and skip reasons; a
+different model means a full re-embed. While less than `REFIT_SHARE` of the index has changed
+since it was fitted (same model, metric, clusters and index kind), a re-run *updates* the previous
+index instead of fitting it again: removed rows leave the KNN index, new rows are assigned to the
+existing KMeans centroids and IVF lists and appended, so unchanged images keep their order and
+their cluster. `--full` fits everything again. Resumable: embeddings stream into part files under
+`RUN/.index-staging-<model>/` as batches finish, so a killed run picks up where it stopped. The
+new `RUN/index/` is built beside the old one and swapped in whole (`imgsim.atomic`), so readers
+never see a half-written index; a full disk ends the run with a one-line `DiskFull` error and the
+previous index in place.
 
-Rows are Arrow tables of `imgsim.rows.FILE_SCHEMA` throughout (no Python object per image).
+Memory: rows are Arrow tables of `imgsim.rows.FILE_SCHEMA`, read from the staging parts and the
+previous index in batches; the driver holds the listing as Arrow columns, the float32 (N, D)
+matrix while fitting, and the faiss index — no Python object per image.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +36,31 @@ import pyarrow.parquet as pq
 
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
-from imgsim.errors import ImgsimError
+from imgsim.errors import DiskFull, ImgsimError, disk_full
 from imgsim.index import KMeansClusterer, KnnIndex
 from imgsim.progress import bar, log, stage
-from imgsim.rows import FILE_SCHEMA, INDEX_COLUMNS, embedding_array, embedding_matrix, text_array
+from imgsim.rows import (
+    FILE_SCHEMA,
+    INDEX_COLUMNS,
+    READ_FAILURES,
+    embedding_array,
+    embedding_matrix,
+    text_array,
+)
 from imgsim.runs import RunPaths
-from imgsim.sources import ImageRef
-from pipelines.embed import StageTimes, embed_images
-from pipelines.ingest import list_inputs
+from pipelines.embed import StageTimes, embed_images, embed_in_process
+from pipelines.ingest import list_inputs_table
 from pipelines.runtime import ensure_ray, gpu_or_cpu
 
 STAGING_ROWS = 4096  # rows per staged part file
+READ_ROWS = 65_536  # rows per batch read back from the staged parts and the previous index
+#: Refit KMeans and the KNN index from scratch once this share of the rows has changed (added or
+#: removed) since they were fitted; below it a re-run updates them (see the module docstring).
+REFIT_SHARE = 0.2
+FILE_COLUMNS = ["path", "label", "size", "mtime", "error", "content_hash", "width", "height"]
 
 
 # -- rows ----------------------------------------------------------------------------------------
-def listing_table(refs: list[ImageRef]) -> pa.Table:
-    """The listed inputs as columns: path, label, size, mtime."""
-    return pa.table(
-        {
-            "path": pa.array([r.path for r in refs], pa.string()),
-            "label": pa.array([r.label for r in refs], pa.string()),
-            "size": pa.array([r.size for r in refs], pa.int64()),
-            "mtime": pa.array([r.mtime for r in refs], pa.int64()),
-        }
-    )
-
-
 def as_file_rows(table: pa.Table) -> pa.Table:
     """`table` with exactly FILE_SCHEMA's columns: missing ones become nulls, types are cast."""
     columns = []
@@ -63,16 +72,14 @@ def as_file_rows(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=FILE_SCHEMA)
 
 
-def file_rows_from_batch(batch: dict[str, np.ndarray], listing: pa.Table) -> pa.Table:
-    """A batch of embedding rows (Ray Data, numpy) as file rows, with size and mtime from `listing`."""
-    paths = pa.array([str(p) for p in batch["path"]], pa.string())
-    at = pc.index_in(paths, value_set=listing["path"])
+def file_rows_from_batch(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A batch of embedding rows (Ray Data, numpy; `size` and `mtime` carried from the listing)."""
     return pa.table(
         {
-            "path": paths,
+            "path": pa.array([str(p) for p in batch["path"]], pa.string()),
             "label": text_array(batch["label"]),
-            "size": listing["size"].take(at),
-            "mtime": listing["mtime"].take(at),
+            "size": pa.array(batch["size"], pa.int64()),
+            "mtime": pa.array(batch["mtime"], pa.int64()),
             "error": text_array(batch["error"]),
             "content_hash": text_array(batch["content_hash"]),
             "width": pa.array(batch["width"], pa.int32()),
@@ -83,29 +90,78 @@ def file_rows_from_batch(batch: dict[str, np.ndarray], listing: pa.Table) -> pa.
     )
 
 
-def _empty_rows() -> pa.Table:
-    return FILE_SCHEMA.empty_table()
+def _good(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table["error"]))
 
 
-def _read_previous(paths: RunPaths, fingerprint: str) -> pa.Table:
-    """File rows of the last completed run with this model (good rows and skipped ones)."""
-    if not paths.manifest.is_file() or not paths.files.is_file():
-        return _empty_rows()
-    if json.loads(paths.manifest.read_text()).get("model_fingerprint") != fingerprint:
-        return _empty_rows()
-    good = pq.read_table(paths.embeddings)
-    if "size" not in good.column_names:  # an index written before rows recorded size and mtime
+@dataclass
+class TableRows:
+    """File rows held in memory (`write_index`'s input)."""
+
+    table: pa.Table
+
+    def batches(self, columns: list[str]) -> Iterator[pa.Table]:
+        if self.table.num_rows:
+            yield self.table.select(columns)
+
+
+@dataclass
+class StagedRows:
+    """File rows in staging part files: every row of a part, or only `keep[part]`'s rows."""
+
+    parts: list[Path]
+    keep: dict[Path, np.ndarray] = field(default_factory=dict)
+
+    def batches(self, columns: list[str]) -> Iterator[pa.Table]:
+        for part in self.parts:
+            table = pq.read_table(part, columns=columns)
+            if part in self.keep:
+                table = table.take(self.keep[part])
+            if table.num_rows:
+                yield table
+
+
+# -- what a run must do ----------------------------------------------------------------------------
+@dataclass
+class Previous:
+    """The last completed index of this model: its file rows (no embeddings) and manifest."""
+
+    files: pa.Table
+    manifest: dict[str, Any]
+
+
+def _no_previous() -> Previous:
+    return Previous(FILE_SCHEMA.empty_table().select(FILE_COLUMNS), {})
+
+
+def _read_previous(paths: RunPaths, fingerprint: str) -> Previous:
+    if not paths.manifest.is_file() or not paths.files.is_file() or not paths.embeddings.is_file():
+        return _no_previous()
+    manifest = json.loads(paths.manifest.read_text())
+    if manifest.get("model_fingerprint") != fingerprint:
+        return _no_previous()
+    if "size" not in pq.read_schema(paths.embeddings).names:  # written before rows had size/mtime
         log("index: the index was written by an older imgsim: every image is embedded again")
-        return _empty_rows()
-    files = pq.read_table(paths.files)
-    bad = files.filter(pc.is_valid(files["error"]))
-    return pa.concat_tables([as_file_rows(good), as_file_rows(bad)])
+        return _no_previous()
+    files = pq.read_table(paths.files, columns=FILE_COLUMNS)
+    return Previous(as_file_rows(files).select(FILE_COLUMNS), manifest)
 
 
-def _read_staged(staging: Path) -> pa.Table:
-    """File rows that a killed run already embedded with this model."""
-    parts = sorted(staging.glob("part-*.parquet"))
-    return pa.concat_tables([as_file_rows(pq.read_table(p)) for p in parts]) if parts else _empty_rows()
+def _staged_listing(parts: list[Path]) -> pa.Table:
+    """path, size, mtime, part number and row of every staged row (embeddings left on disk)."""
+    tables = []
+    for i, part in enumerate(parts):
+        t = pq.read_table(part, columns=["path", "size", "mtime"])
+        tables.append(
+            t.append_column("part", pa.array(np.full(t.num_rows, i, np.int32))).append_column(
+                "row", pa.array(np.arange(t.num_rows, dtype=np.int64))
+            )
+        )
+    if not tables:
+        return pa.table({"path": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
+                         "mtime": pa.array([], pa.int64()), "part": pa.array([], pa.int32()),
+                         "row": pa.array([], pa.int64())})  # fmt: skip
+    return pa.concat_tables(tables)
 
 
 def _unchanged(listing: pa.Table, known: pa.Table) -> np.ndarray:
@@ -127,21 +183,40 @@ def _unchanged(listing: pa.Table, known: pa.Table) -> np.ndarray:
 class Plan:
     """What a run reuses and what it must embed."""
 
-    resumed: pa.Table  # rows a killed run staged
-    reused: pa.Table  # rows of the previous index
-    todo: list[ImageRef]  # inputs to embed
+    todo: pa.Table  # listing rows to embed
+    resumed: dict[int, np.ndarray]  # staged part number -> rows of it that a killed run embedded
+    reused: pa.Table  # file rows (no embeddings) of the previous index that still hold
     removed: int  # inputs of the previous index that are gone
 
+    @property
+    def resumed_rows(self) -> int:
+        return int(sum(len(r) for r in self.resumed.values()))
 
-def plan_work(refs: list[ImageRef], listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
+
+def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
+    """Split the listing into reused (previous index), resumed (staging) and to-embed inputs.
+
+    A previous row whose file could not be read is not reused: the file is tried again."""
     from_staged = _unchanged(listing, staged)
-    from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, previous))
+    errors = pc.fill_null(previous["error"], "")
+    retry = pc.starts_with(errors, READ_FAILURES[0])
+    for prefix in READ_FAILURES[1:]:
+        retry = pc.or_(retry, pc.starts_with(errors, prefix))
+    usable = previous.filter(pc.invert(retry)) if previous.num_rows else previous
+    from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, usable))
     todo_mask = (from_staged < 0) & (from_previous < 0)
+    hits = from_staged[from_staged >= 0]
+    resumed: dict[int, np.ndarray] = {}
+    if len(hits):
+        part = staged["part"].to_numpy()[hits]
+        row = staged["row"].to_numpy()[hits]
+        for p in np.unique(part):
+            resumed[int(p)] = np.sort(row[part == p])
     gone = pc.invert(pc.is_in(previous["path"], value_set=listing["path"])) if previous.num_rows else None
     return Plan(
-        resumed=staged.take(from_staged[from_staged >= 0]),
-        reused=previous.take(from_previous[from_previous >= 0]),
-        todo=[r for r, t in zip(refs, todo_mask, strict=True) if t],
+        todo=listing.filter(pa.array(todo_mask)),
+        resumed=resumed,
+        reused=usable.take(from_previous[from_previous >= 0]),
         removed=int(pc.sum(gone).as_py() or 0) if gone is not None else 0,
     )
 
@@ -157,37 +232,74 @@ def _staging(paths: RunPaths, fingerprint: str, full: bool) -> Path:
     return staging
 
 
+def _in_process(images: int, use_gpu: bool) -> bool:
+    """Embed here rather than in a Ray Data job: a few images, on CPU, on this one machine (not a
+    cluster: RAY_ADDRESS, or a Ray already connected to more than one node)."""
+    if use_gpu or images > DEFAULTS.index.in_process_max or os.environ.get("RAY_ADDRESS"):
+        return False
+    import ray
+
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+
+
 def _embed_into_staging(
     data: str,
     paths: RunPaths,
-    todo: list[ImageRef],
-    listing: pa.Table,
+    todo: pa.Table,
     staging: Path,
     times: StageTimes,
     concurrency: int,
     use_gpu: bool,
-) -> list[pa.Table]:
+) -> list[Path]:
     """Embed `todo` with the Ray Data job, writing each batch of rows to a staging part as it comes."""
-    ensure_ray()
-    use_gpu = gpu_or_cpu(use_gpu, "embedding")
     part = len(list(staging.glob("part-*.parquet")))
-    tables = []
-    ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
-    with bar(len(todo), "embed", "images") as progress:
-        for batch in ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy"):
+    written = []
+    if not _in_process(todo.num_rows, use_gpu):
+        ensure_ray()
+        use_gpu = gpu_or_cpu(use_gpu, "embedding")
+        ds = embed_images(data, str(paths.root), refs=todo, concurrency=concurrency, use_gpu=use_gpu)
+        batches = ds.iter_batches(batch_size=STAGING_ROWS, batch_format="numpy")
+    else:  # a few images: cheaper here than starting the Ray Data job's actor pool
+        batches = _rebatch(embed_in_process(todo, str(paths.root)), STAGING_ROWS)
+    with bar(todo.num_rows, "embed", "images") as progress:
+        for batch in batches:
             times.add(batch)
             t0 = time.perf_counter()
-            table = file_rows_from_batch(batch, listing)
+            table = file_rows_from_batch(batch)
             tmp = staging / f".part-{part:06d}.tmp"
-            pq.write_table(table, tmp)
-            tmp.replace(staging / f"part-{part:06d}.parquet")
+            target = staging / f"part-{part:06d}.parquet"
+            try:
+                pq.write_table(table, tmp)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                if disk_full(e):
+                    raise DiskFull(
+                        f"no space left on the disk of {staging} while staging embeddings — free some "
+                        "space and re-run `imgsim index`: what is staged is kept, the index is unchanged"
+                    ) from None
+                raise
+            tmp.replace(target)
+            written.append(target)
             times.write += time.perf_counter() - t0
-            tables.append(table)
             part += 1
             progress.update(table.num_rows)
         progress.note(times.breakdown())
     times.warn_if_slow_reads(data)
-    return tables
+    return written
+
+
+def _rebatch(batches: Iterator[dict[str, np.ndarray]], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches joined into batches of `rows` (the last one shorter)."""
+    pending: list[dict[str, np.ndarray]] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(batch["path"])
+        if count >= rows:
+            yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            pending, count = [], 0
+    if pending:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
 
 
 def build_index(
@@ -206,24 +318,28 @@ def build_index(
     started = time.perf_counter()
     paths = RunPaths(Path(run).resolve())
     fingerprint = model_lib.fingerprint(paths.root)
-    refs = list_inputs(data)
-    listing = listing_table(refs)
+    listing = list_inputs_table(data)
     staging = _staging(paths, fingerprint, full)
-    previous = _empty_rows() if full else _read_previous(paths, fingerprint)
-    plan = plan_work(refs, listing, _read_staged(staging), previous)
-    if plan.reused.num_rows or plan.resumed.num_rows or plan.removed:
+    previous = _no_previous() if full else _read_previous(paths, fingerprint)
+    old_parts = sorted(staging.glob("part-*.parquet"))
+    plan = plan_work(listing, _staged_listing(old_parts), previous.files)
+    if plan.reused.num_rows or plan.resumed_rows or plan.removed:
         log(
-            f"index: {len(plan.todo):,} to embed, {plan.reused.num_rows:,} unchanged, "
-            f"{plan.resumed.num_rows:,} from an interrupted run, {plan.removed:,} removed"
+            f"index: {plan.todo.num_rows:,} to embed, {plan.reused.num_rows:,} unchanged, "
+            f"{plan.resumed_rows:,} from an interrupted run, {plan.removed:,} removed"
         )
     times = StageTimes()
-    new: list[pa.Table] = []
-    if plan.todo:
-        new = _embed_into_staging(data, paths, plan.todo, listing, staging, times, concurrency, use_gpu)
-    rows = pa.concat_tables([plan.resumed, plan.reused, *new]).sort_by("path")
-    summary = write_index(
-        paths, rows, fingerprint, data, clusters=clusters, metric=metric, kind=kind, nprobe=nprobe
+    new_parts: list[Path] = []
+    if plan.todo.num_rows:
+        new_parts = _embed_into_staging(data, paths, plan.todo, staging, times, concurrency, use_gpu)
+    new = StagedRows(
+        [old_parts[i] for i in sorted(plan.resumed)] + new_parts,
+        {old_parts[i]: rows for i, rows in plan.resumed.items()},
     )
+    summary = _write(
+        paths, fingerprint, data, previous, plan.reused, new,
+        clusters=clusters, metric=metric, kind=kind, nprobe=nprobe,
+    )  # fmt: skip
     shutil.rmtree(staging, ignore_errors=True)
     if summary["skipped"]:
         log(
@@ -231,9 +347,9 @@ def build_index(
             f"not be read or decoded: list in {summary['skipped_path']}"
         )
     summary.update(
-        embedded=len(plan.todo),
+        embedded=plan.todo.num_rows,
         reused=plan.reused.num_rows,
-        resumed=plan.resumed.num_rows,
+        resumed=plan.resumed_rows,
         removed=plan.removed,
         seconds=round(time.perf_counter() - started, 1),
         stage_seconds={
@@ -246,6 +362,7 @@ def build_index(
     return summary
 
 
+# -- writing the index -----------------------------------------------------------------------------
 def write_index(
     paths: RunPaths,
     rows: pa.Table,
@@ -257,57 +374,187 @@ def write_index(
     kind: str = DEFAULTS.index.kind,
     nprobe: int = DEFAULTS.index.nprobe,
 ) -> dict[str, Any]:
-    """KMeans + KNN over the good file rows (`imgsim.rows.FILE_SCHEMA`); every index file written
-    and swapped in as one directory."""
-    ok = pc.is_null(rows["error"])
-    good, bad = rows.filter(ok), rows.filter(pc.invert(ok))
-    if good.num_rows == 0:
-        raise ImgsimError(f"none of the {rows.num_rows} files under {data} could be used as an image")
-    emb = embedding_matrix(good)
-    with stage("KMeans", len(emb), "embeddings") as p:
-        clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
-        p.note(f"{len(clusterer.centroids_)} clusters")
-    with stage("KNN", len(emb), "embeddings") as p:
-        index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
-        p.note(f"{index.kind_} {metric} index")
-    good = good.append_column("cluster", pa.array(clusterer.labels_, pa.int64()))
-    table = good.select([*INDEX_COLUMNS, "embedding"])
-    files = rows.select(["path", "label", "size", "mtime", "error", "content_hash", "width", "height"])
+    """KMeans + KNN fitted over the good file rows (`imgsim.rows.FILE_SCHEMA`) held in memory; every
+    index file written and swapped in as one directory."""
+    return _write(
+        paths, fingerprint, data, _no_previous(), _no_previous().files, TableRows(as_file_rows(rows)),
+        clusters=clusters, metric=metric, kind=kind, nprobe=nprobe,
+    )  # fmt: skip
+
+
+def _resolved_kind(kind: str, n: int) -> str:
+    return kind if kind != "auto" else ("ivf" if n >= DEFAULTS.index.ivf_threshold else "exact")
+
+
+def _can_update(
+    previous: Previous, n_after: int, changed: int, clusters: int, metric: str, kind: str
+) -> bool:
+    """True if the previous index may be updated rather than fitted again (module docstring)."""
+    m = previous.manifest
+    if not m or "fitted_images" not in m or m.get("metric") != metric:
+        return False
+    if m.get("clusters_requested") != clusters or m.get("index_kind") != _resolved_kind(kind, n_after):
+        return False
+    return m.get("changed_since_fit", 0) + changed <= REFIT_SHARE * m["fitted_images"]
+
+
+def _write(
+    paths: RunPaths,
+    fingerprint: str,
+    data: str,
+    previous: Previous,
+    reused: pa.Table,
+    new: TableRows | StagedRows,
+    *,
+    clusters: int,
+    metric: str,
+    kind: str,
+    nprobe: int,
+) -> dict[str, Any]:
+    """The index from the previous index's `reused` rows plus the `new` rows: updated in place
+    when `_can_update` allows, else fitted again on everything."""
+    files = pa.concat_tables([reused, *new.batches(FILE_COLUMNS)])
+    ok = pc.is_null(files["error"])
+    n_good = int(pc.sum(ok).as_py() or 0)
+    if n_good == 0:
+        raise ImgsimError(f"none of the {files.num_rows} files under {data} could be used as an image")
+    # the previous index's rows that stay (in their order), as a mask over embeddings.parquet
+    keep = np.zeros(0, bool)
+    if previous.manifest:
+        prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
+        keep = pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
+    n_new = n_good - int(keep.sum())
+    changed = int((~keep).sum()) + n_new
+    update = _can_update(previous, n_good, changed, clusters, metric, kind)
+
+    def previous_batches(columns: list[str]) -> Iterator[pa.Table]:
+        if not keep.any():
+            return
+        start = 0
+        for batch in pq.ParquetFile(paths.embeddings).iter_batches(batch_size=READ_ROWS, columns=columns):
+            mask = keep[start : start + batch.num_rows]
+            start += batch.num_rows
+            if mask.any():
+                yield pa.Table.from_batches([batch]).filter(pa.array(mask))
+
+    def new_good(columns: list[str]) -> Iterator[pa.Table]:
+        for t in new.batches([*columns, "error"]):
+            good = _good(t).select(columns)
+            if good.num_rows:
+                yield good
+
+    t0 = time.perf_counter()
+    if update:
+        clusterer = KMeansClusterer.load(paths.kmeans_dir)
+        index = KnnIndex.load(paths.index_dir, expect_fingerprint=fingerprint)
+        index.nprobe = nprobe
+        index.remove(np.flatnonzero(~keep))
+        new_labels = []
+        for t in new_good(["embedding"]):
+            emb = embedding_matrix(t)
+            new_labels.append(clusterer.predict(emb))
+            index.add(emb)
+        labels_new = np.concatenate(new_labels) if new_labels else np.zeros(0, np.int64)
+        fitted = previous.manifest["fitted_images"]
+        changed_since_fit = previous.manifest.get("changed_since_fit", 0) + changed
+    else:
+        emb = None
+        at = 0
+        for source in (previous_batches, new_good):
+            for t in source(["embedding"]):
+                part = embedding_matrix(t)
+                if emb is None:
+                    emb = np.empty((n_good, part.shape[1]), np.float32)
+                emb[at : at + len(part)] = part
+                at += len(part)
+        assert emb is not None and at == n_good
+        with stage("KMeans", len(emb), "embeddings") as p:
+            clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
+            p.note(f"{len(clusterer.centroids_)} clusters")
+        with stage("KNN", len(emb), "embeddings") as p:
+            index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
+            p.note(f"{index.kind_} {metric} index")
+        del emb
+        n_kept = int(keep.sum())
+        labels_new = clusterer.labels_[int(keep.sum()) :]
+        fitted, changed_since_fit = n_good, 0
+    fit_s = time.perf_counter() - t0
+    sizes = np.zeros(len(clusterer.centroids_), np.int64)
+
+    n_kept = int(keep.sum())
+
+    def write_embeddings(target: Path) -> None:
+        """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones."""
+        without_cluster = [c for c in INDEX_COLUMNS if c != "cluster"] + ["embedding"]
+        previous_labels = None if update else clusterer.labels_[:n_kept]  # None: keep the stored ones
+        writer = schema = None
+        try:
+            for source, labels in ((previous_batches, previous_labels), (new_good, labels_new)):
+                at = 0
+                for t in source(without_cluster if labels is not None else [*INDEX_COLUMNS, "embedding"]):
+                    if labels is not None:
+                        t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
+                        at += t.num_rows
+                    t = t.select([*INDEX_COLUMNS, "embedding"])
+                    sizes[:] += np.bincount(np.asarray(t["cluster"]), minlength=len(sizes))[: len(sizes)]
+                    if writer is None:
+                        schema = t.schema
+                        writer = pq.ParquetWriter(target, schema)
+                    writer.write_table(t.cast(schema))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    bad = files.filter(pc.invert(ok))
     manifest = {
         "data": data,
-        "images": good.num_rows,
+        "images": n_good,
         "skipped": bad.num_rows,
         "model_fingerprint": fingerprint,
         "metric": metric,
         "index_kind": index.kind_,
         "clusters": int(len(clusterer.centroids_)),
-        "dim": int(emb.shape[1]),
+        "clusters_requested": clusters,
+        "dim": int(index.dim_),
+        "fitted_images": fitted,
+        "changed_since_fit": changed_since_fit,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     skipped_lines = "".join(
         json.dumps({"path": p, "reason": r}) + "\n"
         for p, r in zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
     )
-    index.save(
-        paths.index_dir,
-        model_fingerprint=fingerprint,
-        extra_files={
-            paths.embeddings.name: lambda p: pq.write_table(table, p),
-            paths.files.name: lambda p: pq.write_table(files, p),
-            paths.skipped.name: lambda p: p.write_text(skipped_lines),
-            paths.kmeans_dir.name: clusterer.save,
-            paths.manifest.name: lambda p: p.write_text(json.dumps(manifest, indent=2)),
-        },
-    )
+    try:
+        index.save(
+            paths.index_dir,
+            model_fingerprint=fingerprint,
+            extra_files={
+                paths.embeddings.name: write_embeddings,
+                paths.files.name: lambda p: pq.write_table(files, p),
+                paths.skipped.name: lambda p: p.write_text(skipped_lines),
+                paths.kmeans_dir.name: clusterer.save,
+                paths.manifest.name: lambda p: p.write_text(json.dumps(manifest, indent=2)),
+            },
+        )
+    except (OSError, RuntimeError) as e:
+        if disk_full(e):
+            raise DiskFull(
+                f"no space left on the disk of {paths.index_dir} while writing the index — free some "
+                "space and re-run `imgsim index`: the previous index is unchanged and still served"
+            ) from None
+        raise
+    if update:  # a refit shows as the KMeans and KNN stages
+        log(f"index: updated the KMeans + KNN index with {changed:,} changed images in {fit_s:.1f} s")
     return {
-        "images": good.num_rows,
+        "images": n_good,
         "skipped": bad.num_rows,
         "skipped_path": str(paths.skipped),
         "clusters": manifest["clusters"],
         "index_kind": index.kind_,
         "metric": metric,
         "index_dir": str(paths.index_dir),
-        "cluster_sizes": np.bincount(clusterer.labels_, minlength=manifest["clusters"]).tolist(),
+        "cluster_sizes": sizes.tolist(),
+        "updated": update,
     }
 
 

@@ -11,10 +11,12 @@ report which stage is slow.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from imgsim import model as model_lib
@@ -22,7 +24,7 @@ from imgsim.config import DEFAULTS
 from imgsim.progress import bar, log
 from imgsim.rows import as_text, ok_mask
 from imgsim.sources import ImageRef, is_s3
-from pipelines.ingest import read_images
+from pipelines.ingest import read_and_decode, read_images
 from pipelines.runtime import ensure_ray
 
 SLOW_READ_SHARE = 0.5  # S3 reads taking more than this share of worker time are worth a line
@@ -121,6 +123,28 @@ def embed_images(
     cfg = model_lib.load(run).config
     ds = read_images(root, cfg.image_size, cfg.channels, refs=refs)
     return embed_dataset(ds, run, concurrency=concurrency, use_gpu=use_gpu, batch_size=batch_size)
+
+
+def embed_in_process(
+    todo: pa.Table, run: str, *, batch_size: int = DEFAULTS.index.embed_batch_size
+) -> Iterator[dict[str, np.ndarray]]:
+    """The embedding rows of a listing (`imgsim.sources.list_table` columns), computed in this process
+    with the same read/decode and `Embedder` as the Ray Data job, one batch at a time.
+
+    For a handful of images: a Ray Data job first starts its actor pool (seconds, more on a busy
+    machine), which costs more than embedding a few thousand small images here (docs/scaling.md).
+    """
+    embedder = Embedder(run)
+    cfg = embedder.model.config
+    for start in range(0, todo.num_rows, batch_size):
+        chunk = todo.slice(start, batch_size)
+        batch = {name: chunk[name].to_numpy(zero_copy_only=False) for name in chunk.column_names}
+        rows = read_and_decode(batch, cfg.image_size, cfg.channels)
+        decoded = {
+            name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names if name != "image"
+        }
+        decoded["image"] = rows["image"].combine_chunks().to_numpy()
+        yield embedder(decoded)
 
 
 def embed_folder(

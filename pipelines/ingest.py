@@ -37,6 +37,7 @@ from imgsim.sources import (
     aws_settings,
     is_s3,
     list_images,
+    list_table,
     read_bytes,
 )
 
@@ -56,6 +57,15 @@ def list_inputs(root: str) -> list[ImageRef]:
         refs = list_images(root)
         p.set(len(refs))
     return refs
+
+
+def list_inputs_table(root: str) -> pa.Table:
+    """`imgsim.sources.list_table(root)` (Arrow columns: what an index of millions lists), shown as
+    the "list" stage on the console."""
+    with stage(f"list {root}", unit="images") as p:
+        table = list_table(root)
+        p.set(table.num_rows)
+    return table
 
 
 def _read_one(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
@@ -168,31 +178,42 @@ def read_and_decode(
         t0 = time.perf_counter()
         decode_s += t0 - t1
     labels = list(batch["label"])
+    extra = {k: v for k, v in batch.items() if k not in ("path", "label")}  # e.g. size, mtime
     if not keep_errors:  # dropped here, in the same task: re-batching tensor columns is costly
         keep = [i for i in range(n) if errors[i] is None]
         paths, labels, hashes = [paths[i] for i in keep], [labels[i] for i in keep], [hashes[i] for i in keep]
         errors, images, sizes = [None] * len(keep), images[keep], sizes[keep]
-    return _table(paths, labels, images, errors, hashes, sizes, read_s, decode_s)
+        extra = {k: v[keep] for k, v in extra.items()}
+    table = _table(paths, labels, images, errors, hashes, sizes, read_s, decode_s)
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values))
+    return table
 
 
-def refs_dataset(refs: Sequence[ImageRef], batch_size: int = READ_BATCH) -> ray.data.Dataset:
-    """A dataset of `{path, label}` (string columns) in blocks small enough that every core gets work."""
-    rows_per_block = max(batch_size, -(-len(refs) // MAX_INPUT_BLOCKS))
-    blocks = [
-        pa.table(
-            {
-                "path": pa.array([r.path for r in refs[i : i + rows_per_block]], pa.string()),
-                "label": pa.array([r.label for r in refs[i : i + rows_per_block]], pa.string()),
-            }
-        )
-        for i in range(0, len(refs), rows_per_block)
-    ]
-    if not blocks:
-        blocks = [pa.table({"path": pa.array([], pa.string()), "label": pa.array([], pa.string())})]
+def refs_table(refs: Sequence[ImageRef] | pa.Table) -> pa.Table:
+    """A listing (`imgsim.sources.list_table`) as it is; ImageRefs as the same columns."""
+    if isinstance(refs, pa.Table):
+        return refs
+    return pa.table(
+        {
+            "path": pa.array([r.path for r in refs], pa.string()),
+            "label": pa.array([r.label for r in refs], pa.string()),
+            "size": pa.array([r.size for r in refs], pa.int64()),
+            "mtime": pa.array([r.mtime for r in refs], pa.int64()),
+        }
+    )
+
+
+def refs_dataset(refs: Sequence[ImageRef] | pa.Table, batch_size: int = READ_BATCH) -> ray.data.Dataset:
+    """A dataset of the listing's rows (`path`, `label`, and `size`, `mtime`, which the rows carry
+    through to the end) in blocks small enough that every core gets work."""
+    table = refs_table(refs)
+    rows_per_block = max(batch_size, -(-table.num_rows // MAX_INPUT_BLOCKS))
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
     # from_blocks keeps the blocks as they are and computes their metadata here; from_arrow sends
     # them to a task for it, a ray.get that cost over a second before anything ran on a fresh
     # cluster (docs/scaling.md, "Figures behind decisions").
-    return ray.data.from_blocks(blocks)
+    return ray.data.from_blocks(blocks or [table])
 
 
 def read_batch_size(n_images: int) -> int:
@@ -211,20 +232,20 @@ def read_images(
     image_size: int,
     channels: int,
     *,
-    refs: Sequence[ImageRef] | None = None,
+    refs: Sequence[ImageRef] | pa.Table | None = None,
     keep_errors: bool = True,
     concurrency: int | None = None,
     batch_size: int | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
 ) -> ray.data.Dataset:
-    """Rows `{path, label, image, error, read_s, decode_s}` for every image under `root`.
+    """Rows `{path, label, image, error, read_s, decode_s, size, mtime}` for every image under `root`.
 
-    `refs` (from `imgsim.sources.list_images`, possibly filtered or shuffled) replaces the listing
-    of `root`. `keep_errors=False` drops the rows of skipped inputs. `concurrency` caps the number
+    `refs` (a `imgsim.sources.list_table` listing or `list_images` refs, possibly filtered or
+    shuffled) replaces the listing of `root`. `keep_errors=False` drops the rows of skipped inputs. `concurrency` caps the number
     of decode tasks running at once (default: as many as there are free CPUs). `batch_size`: images
     per decode task (default `read_batch_size`).
     """
-    refs = list_images(root) if refs is None else refs
+    refs = list_table(root) if refs is None else refs
     batch_size = batch_size or read_batch_size(len(refs))
     ds = refs_dataset(refs, batch_size)
     # Ray Data reserves part of the cluster for each operator by default; with one decode operator

@@ -240,6 +240,10 @@ class ImgsimSearch:
         set_threads(max(1, torch_threads))
         self.searcher = Searcher.load(run, device="cpu", allow_private_urls=allow_private_urls)
         self.size = len(self.searcher)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (a unit test of the class)
+            self.replica = f"pid-{os.getpid()}"
         self.allow_private_urls = allow_private_urls
         self.max_body_bytes = max_body_bytes
         self.max_k = max_k
@@ -257,8 +261,9 @@ class ImgsimSearch:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Liveness and readiness: answers once the index is loaded."""
-        return {"status": "ok", "images": self.size}
+        """Liveness and readiness: answers once the index is loaded; `replica` names the replica that
+        answered (which one a load balancer picked, and when a new one took over)."""
+        return {"status": "ok", "images": self.size, "replica": self.replica}
 
     # --- search -------------------------------------------------------------------------------
 

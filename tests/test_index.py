@@ -269,3 +269,18 @@ def test_range_search_finds_everything_within_the_distance(metric: str, kind: st
     assert ids3[lims3[0] : lims3[1]].tolist() == ids[lims[0] : lims[0] + min(3, lims[1] - lims[0])].tolist()
     with pytest.raises(ValueError):
         index.range_search(q, -1.0)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_remove_and_add_keep_ids_as_row_numbers(kind: str) -> None:
+    # an incremental re-index drops rows from embeddings.parquet and appends new ones: the index
+    # must give the same ids as the rows' new positions
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(3000, 16)).astype(np.float32)
+    new = rng.normal(size=(50, 16)).astype(np.float32)
+    removed = np.array([0, 7, 1500, 2999])
+    index = KnnIndex(kind=kind, nlist=16, nprobe=16).fit(emb).remove(removed).add(new)
+    rows = np.concatenate([np.delete(emb, removed, axis=0), new])
+    assert len(index) == len(rows)
+    _, ids = index.search(rows[::50], k=1)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(0, len(rows), 50))

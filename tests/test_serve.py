@@ -214,7 +214,9 @@ def _assert_same_results(answer: dict[str, Any], expected: dict[str, Any], k: in
 def test_healthz_reports_the_index(served: Served) -> None:
     r = requests.get(served.base + "/healthz", timeout=10)
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "images": len(served.searcher)}
+    health = r.json()
+    assert {k: health[k] for k in ("status", "images")} == {"status": "ok", "images": len(served.searcher)}
+    assert isinstance(health["replica"], str) and health["replica"]  # which replica answered
 
 
 def test_multipart_upload_matches_in_process_search(served: Served) -> None:

@@ -175,3 +175,51 @@ def test_s3_credentials_from_a_profile(
     assert fs.region == "eu-west-1"
     assert "from-profile" in repr(fs.__reduce__())  # the profile's keys, not anonymous access
     assert len(list_images(f"s3://{s3_bucket}/p")) == 2
+
+
+def test_transient_failures_are_retried_and_permanent_ones_are_not() -> None:
+    from imgsim.sources import retrying, transient
+
+    calls = []
+
+    def flaky() -> bytes:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
+        return b"ok"
+
+    assert retrying(flaky, attempts=5, backoff_s=0.01) == b"ok" and len(calls) == 3
+    assert not transient(FileNotFoundError("gone")) and not transient(OSError("AWS Error ACCESS_DENIED"))
+    with pytest.raises(OSError, match="after 2 attempts"):
+        retrying(lambda: (_ for _ in ()).throw(OSError("timed out")), attempts=2, backoff_s=0.01)
+
+
+def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_index(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from imgsim.rows import is_read_failure
+    from pipelines.build_index import FILE_COLUMNS, as_file_rows, plan_work
+
+    listing = pa.table(
+        {"path": ["a.png", "b.png", "c.png"], "label": [None] * 3, "size": [1, 1, 1], "mtime": [5, 5, 5]}
+    )
+    previous = as_file_rows(
+        listing.append_column(
+            "error", pa.array([None, "unreadable (AWS Error NETWORK_CONNECTION)", "corrupt image"])
+        )
+    ).select(FILE_COLUMNS)
+    staged = pa.table(
+        {
+            "path": pa.array([], pa.string()),
+            "size": pa.array([], pa.int64()),
+            "mtime": pa.array([], pa.int64()),
+        }
+    )
+    plan = plan_work(
+        listing,
+        staged.append_column("part", pa.array([], pa.int32())).append_column("row", pa.array([], pa.int64())),
+        previous,
+    )
+    assert plan.todo["path"].to_pylist() == ["b.png"]  # read again; the corrupt one stays skipped
+    assert sorted(plan.reused["path"].to_pylist()) == ["a.png", "c.png"]
+    assert is_read_failure("unreadable (x)") and not is_read_failure("corrupt image")
