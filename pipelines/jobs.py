@@ -16,6 +16,8 @@ ENTRYPOINTS = {
     "train": "python -m pipelines.train {data} --out {run} --workers {workers}{gpu} --epochs 6 --batch-size 1024",
     "index": "python -m pipelines.build_index {data} --model {run} --clusters 10 --concurrency {concurrency}{gpu}",
     "eval": "python -m pipelines.evaluate --model {run} --queries {queries}",
+    "eval-copies": "python -m pipelines.evaluate --model {run} --copies 1000 --json",
+    "duplicates": "python -m pipelines.duplicates --model {run}",
     "embed": "python -m pipelines.embed {data} --model {run} --out {embeddings} --concurrency {concurrency}{gpu}",
 }
 

@@ -80,7 +80,7 @@ def test_documented_jobs_and_serve_config_run_on_a_token_authenticated_cluster(
     assert refused.returncode != 0
     assert "uthentication" in refused.stdout + refused.stderr
 
-    for job in ("train", "index", "eval", "embed"):
+    for job in ("train", "index", "eval", "eval-copies", "duplicates", "embed"):
         done = _submit(ray_head, submit_command(job, **values), ray_head.env)
         assert done.returncode == 0, f"{job}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' submitted", done.stdout + done.stderr))
@@ -92,6 +92,11 @@ def test_documented_jobs_and_serve_config_run_on_a_token_authenticated_cluster(
             assert pq.read_table(run / "index" / "embeddings.parquet").num_rows == 64
         elif job == "eval":
             assert "precision@1" in done.stdout
+        elif job == "eval-copies":
+            assert '"precision_at_1"' in done.stdout and '"per_edit"' in done.stdout
+        elif job == "duplicates":
+            assert (run / "duplicates" / "duplicates.jsonl").is_file()
+            assert (run / "duplicates" / "calibration.json").is_file()
         else:
             assert pq.read_table(embeddings, columns=["path"]).num_rows == 64
 
