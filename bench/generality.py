@@ -179,6 +179,20 @@ def raw_pixel_metrics(run: Path, data: Path, k: int = 10) -> dict:
     return retrieval_metrics(q - mean, q_labels, db - mean, db_labels, k=k, metric="cosine")
 
 
+def handmade_metrics(data: Path, k: int = 10) -> dict:
+    """The hand-made invariant descriptor (`bench.copydetect.handmade`: greyscale, mirror-symmetrised,
+    per-image standardised 8x8 pixels of the 64 px RGB decode), cosine KNN."""
+    from bench.copydetect import handmade
+
+    def features(root: Path) -> tuple[np.ndarray, list[str | None]]:
+        flat, labels = decode_folder(root, 64, 3)
+        return handmade(flat.reshape(len(flat), 3, 64, 64)), labels
+
+    db, db_labels = features(data / "train")
+    q, q_labels = features(data / "test")
+    return retrieval_metrics(q, q_labels, db, db_labels, k=k, metric="cosine")
+
+
 def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: list[str]) -> dict:
     """Train, index and evaluate `data` with the CLI's defaults; the raw-pixel baseline beside it."""
     run = runs / name
@@ -197,6 +211,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
     imgsim("index", str(data / "train"), "--model", str(run))
     ae = imgsim("eval", "--model", str(run), "--queries", str(data / "test"))
     raw = raw_pixel_metrics(run, data)
+    hand = handmade_metrics(data)
     assert (raw["database"], raw["queries"]) == (ae["database"], ae["queries"]), (raw, ae)
     return {
         "data set": name,
@@ -204,9 +219,11 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
         "n_queries": ae["queries"],
         "classes": len({p.name for p in (data / "train").iterdir() if p.is_dir()}),
         "input": f"{trained['channels']}x{trained['image_size']}x{trained['image_size']}",
-        "epochs": trained["epochs"],
+        "model": f"{trained['arch']}, {trained['recipe']}",
+        "steps": trained["steps"],
         "P@10 autoencoder": ae["precision_at_k"],
         "P@10 raw pixels": raw["precision_at_k"],
+        "P@10 hand-made": hand["precision_at_k"],
         "ratio": ae["precision_at_k"] / raw["precision_at_k"],
         "train s": train_s,
     }
