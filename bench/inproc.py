@@ -59,7 +59,8 @@ def train(
             if log_every and step % log_every == 0:
                 rate = seen / (time.perf_counter() - started)
                 print(
-                    f"  step {step}/{total} loss {float(loss.detach()):.4f} {parts} {rate:.0f} img/s",
+                    f"  step {step}/{total} loss {float(loss.detach()):.4f} "
+                    f"{ {k: round(float(v), 4) for k, v in parts.items()} } {rate:.0f} img/s",
                     flush=True,
                 )
             if step >= total or (budget and time.perf_counter() - started > budget * 1.02):
@@ -77,4 +78,5 @@ def train(
     ]
     recipe.fit_embedding(model, fit_batches)
     model.eval()
-    return model, {"steps": step, "train_s": train_s, "images_per_s": seen / train_s, "last": parts}
+    last = {k: float(v) for k, v in parts.items()}
+    return model, {"steps": step, "train_s": train_s, "images_per_s": seen / train_s, "last": last}

@@ -51,6 +51,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -175,40 +185,77 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
+    from imgsim.model import ARCHS
+    from imgsim.recipes import RECIPES, SMALL_IMAGE_SIDE
+
     t = DEFAULTS.train
     _data(p)
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or resume")
-    p.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=None,
-        help=f"passes over the data (default {t.epochs}; a small data set is then repeated "
-        f"within each epoch so that training makes at least {t.min_steps} steps)",
+    choice = p.add_argument_group(
+        "what to train (default: chosen from a sample of DATA and the hardware, and printed)",
+        f"Small images (median shorter side <= {SMALL_IMAGE_SIDE} px, e.g. Fashion-MNIST) get the small "
+        "32 px autoencoder trained as a denoising autoencoder. Larger images (photos) get the residual "
+        "encoder at 64 px on a CPU (96 px on a GPU) trained with the 'copy' recipe: the decoder "
+        "reconstructs each image from edited views (crops, mirror, greyscale, colour, blur) while an "
+        "invariance term pulls the views' embeddings together, so an edited copy finds its original; "
+        "its embedding is mirror-symmetric. Each flag below overrides its part of that choice.",
     )
-    p.add_argument(
-        "--image-size",
-        type=positive_int,
-        default=DEFAULTS.preprocess.image_size,
-        help="images are resized to SxS",
+    choice.add_argument(
+        "--arch", choices=ARCHS, default=None, help="small: 32 px conv AE; resnet: residual, GeM"
     )
-    p.add_argument(
+    choice.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="training objective")
+    choice.add_argument("--image-size", type=positive_int, default=None, help="images are resized to SxS")
+    choice.add_argument(
         "--channels",
         type=channels,
         default=None,
         help="1 (greyscale), 3 (RGB) or auto (greyscale if a sample of DATA is)",
     )
-    p.add_argument("--dim", type=positive_int, default=t.dim, help="embedding (bottleneck) size")
-    p.add_argument("--batch-size", type=positive_int, default=t.batch_size, help="global batch size")
-    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (AdamW, one-cycle)")
-    p.add_argument("--workers", type=positive_int, default=t.workers, help="Ray Train workers (DDP)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (bf16 autocast)")
-    p.add_argument(
+    choice.add_argument("--dim", type=positive_int, default=None, help="embedding (bottleneck) size")
+    length = p.add_argument_group("how long")
+    length.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"exactly E passes over the data (default: the recipe's length: 'copy' {RECIPES['copy'].steps} "
+        f"steps of {RECIPES['copy'].batch_size} images on a CPU, 4x on a GPU; 'denoise' {t.epochs} passes, a "
+        f"small data set repeated up to {t.min_steps} steps)",
+    )
+    length.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"about N optimiser steps in all, in {t.epochs} epochs",
+    )
+    length.add_argument(
+        "--batch-size", type=positive_int, default=None, help="global batch size (default: the recipe's)"
+    )
+    length.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (AdamW, one-cycle; default: the recipe's)"
+    )
+    length.add_argument(
         "--contrastive",
         type=non_negative_float,
-        default=t.nce_weight,
+        default=None,
         metavar="W",
-        help="weight of an auxiliary contrastive (InfoNCE) term between two augmented views; 0 trains a "
-        "plain denoising autoencoder (README: how the default was chosen)",
+        help="weight of the invariance (InfoNCE) term between two edited views (default: the recipe's, "
+        f"'copy' {RECIPES['copy'].nce_weight:g}, 'denoise' {RECIPES['denoise'].nce_weight:g}: README, how the defaults were chosen)",
+    )
+    where = p.add_argument_group("where")
+    where.add_argument("--workers", type=positive_int, default=t.workers, help="Ray Train workers (DDP)")
+    where.add_argument("--gpu", action="store_true", help="train on GPUs (bf16 autocast)")
+    where.add_argument(
+        "--gpus-per-worker",
+        type=positive_float,
+        default=1.0,
+        metavar="F",
+        help="GPUs per worker; below 1 packs several workers on one GPU (they then use gloo)",
+    )
+    where.add_argument(
+        "--backend",
+        choices=("nccl", "gloo"),
+        default=None,
+        help="torch.distributed backend (default: nccl with a whole GPU per worker, else gloo)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in RUN")
     _json(p, "print the summary as one JSON object")
@@ -221,6 +268,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.data,
         args.out,
         epochs=args.epochs,
+        steps=args.steps,
         image_size=args.image_size,
         channels=args.channels,
         dim=args.dim,
@@ -228,14 +276,19 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         workers=args.workers,
         use_gpu=args.gpu,
+        gpus_per_worker=args.gpus_per_worker,
+        backend=args.backend,
         resume=args.resume,
         nce_weight=args.contrastive,
+        arch=args.arch,
+        recipe=args.recipe,
     )
     if args.json:
         _print_json(summary)
     else:
         print(
-            f"trained {summary['epochs']} epochs on {summary['images']} images "
+            f"trained {summary['epochs']} epochs ({summary['steps']:,} steps, {summary['arch']} "
+            f"{summary['image_size']} px, recipe {summary['recipe']}) on {summary['images']} images "
             f"(final loss {summary['final_loss']:.4f}); model saved to {summary['model_dir']}"
         )
     return 0
@@ -254,7 +307,12 @@ def index_arguments(p: argparse.ArgumentParser) -> None:
         help=f"exact search, partitioned (IVF), or auto (IVF from {d.ivf_threshold:,} images)",
     )
     p.add_argument("--nprobe", type=positive_int, default=d.nprobe, help="IVF partitions searched per query")
-    p.add_argument("--concurrency", type=positive_int, default=d.concurrency, help="embedding actors")
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help=f"embedding actors (default {d.concurrency}; with --gpu, one per GPU of the cluster)",
+    )
     p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
     p.add_argument(
         "--full", action="store_true", help="re-embed everything instead of only new or changed images"
@@ -293,7 +351,10 @@ def embed_arguments(p: argparse.ArgumentParser) -> None:
     _model(p, "a trained model")
     p.add_argument("--out", required=True, metavar="PATH", help="Parquet folder to write (local or s3://)")
     p.add_argument(
-        "--concurrency", type=positive_int, default=DEFAULTS.index.concurrency, help="embedding actors"
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help=f"embedding actors (default {DEFAULTS.index.concurrency}; with --gpu, one per GPU of the cluster)",
     )
     p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
 

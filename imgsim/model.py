@@ -425,8 +425,11 @@ def fit_whitening(
 
 def training_loss(
     model: nn.Module, x_uint8: torch.Tensor, augment: Augment, nce_weight: float = 0.5
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective: denoising reconstruction of the clean image + InfoNCE between two views.
+
+    The parts are detached 0-d tensors: `float()` them only to show them (on a GPU each `float()`
+    waits for the device).
 
     Both views go through one `model(...)` call, so a DDP-wrapped model synchronises gradients.
     """
@@ -440,6 +443,6 @@ def training_loss(
         clean = F.interpolate(clean, size=tuple(out.recon.shape[-2:]), mode="area")
     rec_loss = F.mse_loss(out.recon, torch.cat([clean, clean]) if nce_weight > 0 else clean)
     if nce_weight <= 0:
-        return rec_loss, {"recon": float(rec_loss.detach()), "nce": 0.0}
+        return rec_loss, {"recon": rec_loss.detach(), "nce": torch.zeros((), device=rec_loss.device)}
     nce = info_nce(out.proj[:n], out.proj[n:])
-    return rec_loss + nce_weight * nce, {"recon": float(rec_loss.detach()), "nce": float(nce.detach())}
+    return rec_loss + nce_weight * nce, {"recon": rec_loss.detach(), "nce": nce.detach()}

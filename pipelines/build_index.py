@@ -248,7 +248,7 @@ def _embed_into_staging(
     todo: pa.Table,
     staging: Path,
     times: StageTimes,
-    concurrency: int,
+    concurrency: int | None,
     use_gpu: bool,
 ) -> list[Path]:
     """Embed `todo` with the Ray Data job, writing each batch of rows to a staging part as it comes."""
@@ -310,7 +310,7 @@ def build_index(
     metric: str = DEFAULTS.index.metric,
     kind: str = DEFAULTS.index.kind,
     nprobe: int = DEFAULTS.index.nprobe,
-    concurrency: int = DEFAULTS.index.concurrency,
+    concurrency: int | None = None,
     use_gpu: bool = False,
     full: bool = False,
 ) -> dict[str, Any]:

@@ -58,11 +58,13 @@ def embed_dataset(
     ds: ray.data.Dataset,
     run: str,
     *,
-    concurrency: int = DEFAULTS.index.concurrency,
+    concurrency: int | None = None,
     use_gpu: bool = False,
     batch_size: int = DEFAULTS.index.embed_batch_size,
 ) -> ray.data.Dataset:
-    """Map ingest rows to `{path, label, embedding, error, read_s, decode_s, encode_s}`."""
+    """Map ingest rows to `{path, label, embedding, error, read_s, decode_s, encode_s}` with
+    `concurrency` actors (default: `actor_count(use_gpu)`)."""
+    concurrency = concurrency or actor_count(use_gpu)
     return ds.map_batches(
         Embedder,
         fn_constructor_kwargs={"run": run, "use_gpu": use_gpu, "threads": None if use_gpu else 1},
@@ -72,6 +74,14 @@ def embed_dataset(
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
+
+
+def actor_count(use_gpu: bool) -> int:
+    """Embedding actors by default: one per GPU of the cluster with --gpu (each holds a whole GPU),
+    else `IndexConfig.concurrency`."""
+    if use_gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 0)))
+    return DEFAULTS.index.concurrency
 
 
 @dataclass
@@ -115,7 +125,7 @@ def embed_images(
     run: str,
     *,
     refs: list[ImageRef] | None = None,
-    concurrency: int = DEFAULTS.index.concurrency,
+    concurrency: int | None = None,
     use_gpu: bool = False,
     batch_size: int = DEFAULTS.index.embed_batch_size,
 ) -> ray.data.Dataset:
@@ -180,7 +190,7 @@ def embed_folder(
 
 
 def write_embeddings(
-    root: str, run: str, out: str, *, concurrency: int = DEFAULTS.index.concurrency, use_gpu: bool = False
+    root: str, run: str, out: str, *, concurrency: int | None = None, use_gpu: bool = False
 ) -> None:
     """Embed every image under `root` and write the embedding rows (no timings) as Parquet under `out`."""
     from imgsim.sources import filesystem_for

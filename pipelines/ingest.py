@@ -12,6 +12,7 @@ listing, never image bytes or pixels.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import sys
@@ -19,11 +20,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
+from PIL import Image
 from ray.data.extensions import ArrowTensorArray
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
@@ -267,22 +270,38 @@ def read_images(
     )
 
 
-def detect_channels(source: str | Sequence[ImageRef], sample: int = 64, seed: int = 0) -> int:
-    """1 if every sampled image is greyscale, else 3.
+@dataclass(frozen=True)
+class DataSample:
+    """What a random sample of the inputs says about the data: channels and pixel sizes."""
 
-    `source` is a root (listed here) or refs. Up to `sample` images, picked at random with `seed`,
-    are read in the driver; unreadable ones are ignored, and 3 is returned if none can be read.
-    """
+    channels: int  # 1 if every readable sampled image is greyscale, else 3
+    sizes: list[tuple[int, int]]  # (width, height) of each readable sampled image
+
+
+def sample_data(source: str | Sequence[ImageRef], sample: int = 64, seed: int = 0) -> DataSample:
+    """Read up to `sample` images, picked at random with `seed`, in the driver (headers and colour
+    only; unreadable ones are ignored). `source` is a root (listed here) or refs."""
     refs = list_images(source) if isinstance(source, str) else list(source)
     picked = [r.path for r in random.Random(seed).sample(refs, min(sample, len(refs)))]
     threads = S3_READ_THREADS if any(is_s3(p) for p in picked) else 1
-    seen_grey = False
+    colour, seen_grey, sizes = False, False, []
     for data, _ in read_all(picked, MAX_FILE_BYTES, threads):
-        grey = None if data is None else greyscale_bytes(data)
-        if grey is False:
-            return 3
+        if data is None:
+            continue
+        grey = greyscale_bytes(data)
+        colour = colour or grey is False
         seen_grey = seen_grey or bool(grey)
-    return 1 if seen_grey else 3
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                sizes.append(img.size)
+        except Exception:  # not an image: the decode step skips and reports it
+            continue
+    return DataSample(1 if seen_grey and not colour else 3, sizes)
+
+
+def detect_channels(source: str | Sequence[ImageRef], sample: int = 64, seed: int = 0) -> int:
+    """1 if every sampled image is greyscale, else 3 (3 too if none can be read); see `sample_data`."""
+    return sample_data(source, sample, seed).channels
 
 
 def reason_kind(reason: str) -> str:

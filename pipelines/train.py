@@ -25,22 +25,36 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from imgsim import model as model_lib
 from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.encoders import check_trainable
 from imgsim.errors import ImgsimError
-from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss
+from imgsim.model import AutoEncoder, ModelConfig, fit_whitening
 from imgsim.plots import plot_loss
 from imgsim.progress import Progress, bar, debug, log, stage
+from imgsim.recipes import Recipe, choose, embedding_statistics, get_recipe
 from imgsim.runs import RunPaths
 from imgsim.sources import ImageRef
-from pipelines.ingest import detect_channels, list_inputs, read_images
+from pipelines.ingest import list_inputs, read_images, sample_data
 from pipelines.runtime import ensure_ray, gpu_or_cpu
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint directory
+POST_EVERY_S = 0.5  # rank 0 posts its progress (a host sync on a GPU) at most this often
+
+
+def recipe_of(model: ModelConfig, nce_weight: float | None) -> Recipe:
+    """The model's training recipe (`imgsim.recipes`); `nce_weight` (--contrastive) overrides the
+    weight of its invariance term. Models from before recipes were recorded trained `denoise`."""
+    name = model.recipe or "denoise"
+    if nce_weight is None:
+        return get_recipe(name)
+    # a denoising model with the contrastive term is whitened (README, "what was tried")
+    return get_recipe(
+        name, nce_weight=nce_weight, **({"whiten": nce_weight > 0} if name == "denoise" else {})
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -56,6 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # model, optimiser, schedule
     mcfg = ModelConfig.from_dict(config["model"])
+    recipe = recipe_of(mcfg, config["nce_weight"])
     model = AutoEncoder(mcfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-4)
     total_steps = config["epochs"] * config["steps_per_epoch"]
@@ -76,57 +91,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log(f"[train] resuming from epoch {start_epoch}")
 
-    if config["nce_weight"] <= 0:
+    if recipe.nce_weight <= 0:
         # Without the contrastive term the projector gets no gradient; DDP would wait for it forever.
         model.projector.requires_grad_(False)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     ae: AutoEncoder = getattr(model, "module", model)
-    augment = Augment()
     shard = ray.train.get_dataset_shard("train")
     per_worker_batch = max(1, config["batch_size"] // world)
 
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
-        started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        started, seen, steps = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        posted = 0.0
         for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
             x = batch["image"].to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                loss, parts = training_loss(model, x, augment, config["nce_weight"])
+                loss, parts = recipe.loss(model, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler.last_epoch < total_steps:
                 scheduler.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             seen += len(x)
             steps += 1
-            if rank == 0 and config.get("progress") is not None:
+            now = time.perf_counter()
+            if (
+                rank == 0
+                and config.get("progress") is not None
+                and (now - posted >= POST_EVERY_S or steps == config["steps_per_epoch"])
+            ):
+                posted = now
                 config["progress"].update.remote(
                     {
                         "step": epoch * config["steps_per_epoch"] + steps,
                         "epoch": epoch + 1,
-                        "loss": loss_sum / steps,
+                        "loss": float(loss_sum) / steps,
                         "images_per_s": seen * world / (time.perf_counter() - started),
                     }
                 )
             if rank == 0 and steps % config["log_every"] == 0:  # to the worker's log file
                 rate = seen * world / (time.perf_counter() - started)
                 terms = (
-                    f" (recon {parts['recon']:.4f}, nce {parts['nce']:.3f})"
-                    if config["nce_weight"] > 0
+                    f" (recon {float(parts['recon']):.4f}, nce {float(parts['nce']):.3f})"
+                    if recipe.nce_weight > 0
                     else ""
                 )
                 log(
                     f"[train] epoch {epoch + 1}/{config['epochs']} step {steps}/{config['steps_per_epoch']} "
-                    f"loss {loss_sum / steps:.4f}{terms} {rate:.0f} img/s"
+                    f"loss {float(loss_sum) / steps:.4f}{terms} {rate:.0f} img/s"
                 )
-        epoch_loss = _mean_across_workers(loss_sum / max(steps, 1), device, world)
+        epoch_loss = _mean_across_workers(float(loss_sum) / max(steps, 1), device, world)
         elapsed = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "seconds": elapsed, "images": seen * world})
         if epoch + 1 == config["epochs"]:
-            _fit_embedding_mean(
-                ae, shard, per_worker_batch, device, world, config["mean_batches"], config["nce_weight"] > 0
-            )
+            _fit_embedding(ae, recipe, shard, per_worker_batch, world, config["mean_batches"])
         metrics = {"epoch": epoch + 1, "loss": epoch_loss, "images_per_s": seen * world / max(elapsed, 1e-9)}
         if rank == 0:
             log(
@@ -178,33 +198,32 @@ def _mean_across_workers(value: float, device: torch.device, world: int) -> floa
     return float(t.item() / world)
 
 
-@torch.no_grad()
-def _fit_embedding_mean(
-    ae: AutoEncoder,
-    shard: Any,
-    batch_size: int,
-    device: torch.device,
-    world: int,
-    max_batches: int,
-    whiten: bool,
+def _fit_embedding(
+    ae: AutoEncoder, recipe: Recipe, shard: Any, batch_size: int, world: int, max_batches: int
 ) -> None:
-    """Fit the embedding's centring and whitening on (a sample of) the training data, all workers."""
-    ae.eval()
-    dim = ae.config.dim
-    total = torch.zeros(dim, dtype=torch.float64, device=device)
-    outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    count = torch.zeros(1, dtype=torch.float64, device=device)
-    for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8})):
-        if i >= max_batches:
-            break
-        z = ae.encode(ae.to_float(batch["image"].to(device))).double()
-        total += z.sum(0)
-        outer += z.t() @ z
-        count += len(z)
+    """Fit the embedding's centring (and whitening, if the recipe asks) on a sample of the training
+    data, summed over all workers (`imgsim.recipes.embedding_statistics`)."""
+    device = next(ae.parameters()).device
+
+    def batches() -> Any:
+        for i, batch in enumerate(
+            shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8})
+        ):
+            if i >= max_batches:
+                return
+            yield batch["image"]
+
+    total, outer, count = embedding_statistics(ae, batches())
     if world > 1:
-        for t in (total, outer, count):
+        stats = [
+            total.to(device),
+            outer.to(device),
+            torch.tensor([count], dtype=torch.float64, device=device),
+        ]
+        for t in stats:
             torch.distributed.all_reduce(t)
-    fit_whitening(ae, total.cpu(), outer.cpu(), float(count.item()), whiten=whiten)
+        total, outer, count = stats[0].cpu(), stats[1].cpu(), float(stats[2].item())
+    fit_whitening(ae, total, outer, count, whiten=recipe.whiten)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -221,6 +240,18 @@ class TrainPlan:
     repeats: int  # passes over the data per epoch (a small data set is repeated)
     steps_per_epoch: int
     resumed: bool
+    nce_weight: float | None = None  # --contrastive: overrides the recipe's invariance weight
+    lr: float | None = None  # the peak learning rate (None: the recipe's)
+    reason: str = ""  # why this architecture and recipe (imgsim.recipes.choose), for the console
+
+    @property
+    def recipe(self) -> Recipe:
+        return recipe_of(self.model, self.nce_weight)
+
+    @property
+    def decode_size(self) -> int:
+        """The side training images are decoded at (larger than the input where the recipe crops)."""
+        return self.recipe.train_image_size(self.model)
 
     def state(self, data: str) -> dict[str, Any]:
         """What RUN/checkpoints/train-state.json records, for --resume."""
@@ -230,6 +261,9 @@ class TrainPlan:
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "repeats": self.repeats,
+            "steps_per_epoch": self.steps_per_epoch,
+            "nce_weight": self.nce_weight,
+            "lr": self.lr,
             "data": data,
         }
 
@@ -255,52 +289,83 @@ def plan_training(
     *,
     resume: bool,
     epochs: int | None,
-    min_steps: int,
-    image_size: int,
-    channels: int | None,
-    dim: int,
-    batch_size: int,
+    steps: int | None = None,
+    min_steps: int = DEFAULTS.train.min_steps,
+    image_size: int | None = None,
+    channels: int | None = None,
+    dim: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    nce_weight: float | None = None,
+    arch: str | None = None,
+    recipe: str | None = None,
+    use_gpu: bool = False,
 ) -> TrainPlan:
-    """Architecture and length: a resumed run keeps its own; a new one gets them from the arguments.
+    """Architecture, recipe and length: a resumed run keeps its own; a new one gets them from a
+    sample of the data and the hardware (`imgsim.recipes.choose`), each flag given winning.
 
-    `epochs` None means the default length: DEFAULTS.train.epochs, and a small data set repeated
-    within each epoch so that the run makes at least `min_steps` optimiser steps (8 passes over
-    2,000 images are 60 steps, far too few to learn anything). An explicit `epochs` always means
-    exactly that many passes.
+    Length: `epochs` E means exactly E passes over the data; `steps` N about N optimiser steps in
+    all, in DEFAULTS.train.epochs epochs (one checkpoint each). Neither: the recipe's default,
+    `copy`'s step count (the 10-minute CPU budget; 4x on a GPU), or for `denoise`
+    DEFAULTS.train.epochs passes with a small data set repeated within each epoch up to `min_steps`
+    steps (8 passes over 2,000 images are 60 steps, far too few to learn anything).
     """
     previous = _previous_state(paths, resume)
-    if previous:  # a resumed run keeps its architecture and its learning-rate schedule
+    if previous:  # a resumed run keeps its architecture, recipe and learning-rate schedule
         if epochs not in (None, previous["epochs"]):
             log(f"train: resuming a {previous['epochs']}-epoch run; --epochs {epochs} is ignored")
         model = ModelConfig.from_dict(previous["model"])
-        epochs, batch_size = previous["epochs"], previous.get("batch_size", batch_size)
-    else:
-        model = ModelConfig(image_size=image_size, channels=channels or detect_channels(refs), dim=dim)
-    batch_size = min(batch_size, max(2, len(refs)))
+        bs = previous.get("batch_size", batch_size or DEFAULTS.train.batch_size)
+        spp = max(1, len(refs) // min(bs, max(2, len(refs))))
+        return TrainPlan(
+            run_name=previous["run_name"],
+            model=model,
+            epochs=previous["epochs"],
+            batch_size=bs,
+            repeats=previous.get("repeats", 1),
+            steps_per_epoch=previous.get("steps_per_epoch", spp * previous.get("repeats", 1)),
+            resumed=True,
+            nce_weight=previous.get("nce_weight", nce_weight),
+            lr=previous.get("lr", lr),
+        )
+    sample = sample_data(refs)
+    choice = choose(
+        sample.sizes, channels or sample.channels, use_gpu, arch=arch, image_size=image_size, recipe=recipe
+    )
+    model = choice.model_config(**({"dim": dim} if dim else {}))
+    batch_size = min(batch_size or choice.batch_size, max(2, len(refs)))
     steps_per_pass = max(1, len(refs) // batch_size)
-    if previous:
-        repeats = previous.get("repeats", 1)
-    elif epochs is None:
+    if epochs is not None:
+        repeats, steps_per_epoch = 1, steps_per_pass
+    elif steps is not None or model.recipe != "denoise":
+        epochs = min(DEFAULTS.train.epochs, steps or choice.steps)
+        steps_per_epoch = math.ceil((steps or choice.steps) / epochs)
+        repeats = math.ceil(steps_per_epoch / steps_per_pass)
+    else:
         epochs = DEFAULTS.train.epochs
         repeats = max(1, math.ceil(min_steps / (epochs * steps_per_pass)))
-    else:
-        repeats = 1
+        steps_per_epoch = steps_per_pass * repeats
     return TrainPlan(
-        run_name=previous["run_name"] if previous else _new_run_name(),
+        run_name=_new_run_name(),
         model=model,
         epochs=epochs,
         batch_size=batch_size,
         repeats=repeats,
-        steps_per_epoch=steps_per_pass * repeats,
-        resumed=previous is not None,
+        steps_per_epoch=steps_per_epoch,
+        resumed=False,
+        nce_weight=nce_weight,
+        lr=lr,
+        reason=choice.reason,
     )
 
 
-def training_dataset(data: str, refs: list[ImageRef], model: ModelConfig) -> ray.data.Dataset:
-    """The decoded training images as a Ray Data dataset (decoded once when they fit in memory)."""
-    ds = read_images(data, model.image_size, model.channels, refs=refs, keep_errors=False)
+def training_dataset(data: str, refs: list[ImageRef], plan: TrainPlan) -> ray.data.Dataset:
+    """The decoded training images (at `plan.decode_size`) as a Ray Data dataset, decoded once when
+    they fit in memory."""
+    model, size = plan.model, plan.decode_size
+    ds = read_images(data, size, model.channels, refs=refs, keep_errors=False)
     ds = ds.select_columns(["image"])
-    est_bytes = len(refs) * model.channels * model.image_size**2
+    est_bytes = len(refs) * model.channels * size**2
     if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
         with stage("decode", len(refs), "images") as p:
             ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
@@ -325,25 +390,27 @@ def make_trainer(
     ds: ray.data.Dataset,
     paths: RunPaths,
     *,
-    lr: float,
-    nce_weight: float,
     seed: int,
     workers: int,
     use_gpu: bool,
     max_failures: int,
     threads_per_worker: int | None,
+    gpus_per_worker: float = 1.0,
+    backend: str | None = None,
     progress: Any = None,
 ) -> TorchTrainer:
     """The TorchTrainer: `train_loop_per_worker` on `workers` workers, checkpoints under RUN.
 
-    `progress`: a `TrainProgress` actor that rank 0 posts its step and loss to (the driver's bar).
+    `gpus_per_worker` below 1 packs several workers on one GPU; they then talk over `gloo` (NCCL
+    refuses two ranks on one device), else over `nccl` on GPUs and `gloo` on CPUs; `backend` forces
+    one. `progress`: a `TrainProgress` actor that rank 0 posts its step and loss to (the driver's bar).
     """
     config = {
         "model": plan.model.to_dict(),
         "epochs": plan.epochs,
         "batch_size": plan.batch_size,
-        "lr": lr,
-        "nce_weight": nce_weight,
+        "lr": plan.lr or plan.recipe.lr,
+        "nce_weight": plan.nce_weight,
         "seed": seed,
         "steps_per_epoch": plan.steps_per_epoch,
         "threads_per_worker": threads_per_worker,
@@ -357,8 +424,9 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if use_gpu else {})},
         ),
+        torch_config=TorchConfig(backend=backend or ("nccl" if use_gpu and gpus_per_worker >= 1 else "gloo")),
         run_config=RunConfig(
             name=plan.run_name,
             storage_path=str(paths.checkpoints_dir),
@@ -439,7 +507,9 @@ def _show_failed(result: Any, p: Progress) -> None:
         p.close(failed=True)
 
 
-def export_model(result: Any, paths: RunPaths, data: str, workers: int) -> tuple[AutoEncoder, dict[str, Any]]:
+def export_model(
+    result: Any, paths: RunPaths, data: str, workers: int, plan: TrainPlan | None = None
+) -> tuple[AutoEncoder, dict[str, Any]]:
     """Save the final checkpoint's model as RUN/model (loadable without Ray) and plot its loss."""
     if result.error:
         raise ImgsimError(f"training failed: {result.error}")
@@ -449,7 +519,10 @@ def export_model(result: Any, paths: RunPaths, data: str, workers: int) -> tuple
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     model = AutoEncoder(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
-    model_lib.save(model, paths.root, extra={"history": state["history"], "data": data, "workers": workers})
+    extra = {"history": state["history"], "data": data, "workers": workers}
+    if plan is not None:
+        extra |= {"recipe": plan.recipe.to_dict(), "reason": plan.reason}
+    model_lib.save(model, paths.root, extra=extra)
     plot_loss([h["loss"] for h in state["history"]], paths.loss_plot)
     return model, state
 
@@ -459,23 +532,28 @@ def train(
     out: str,
     *,
     epochs: int | None = None,
+    steps: int | None = None,
     min_steps: int = DEFAULTS.train.min_steps,
-    image_size: int = DEFAULTS.preprocess.image_size,
+    image_size: int | None = None,
     channels: int | None = None,
-    dim: int = DEFAULTS.train.dim,
-    batch_size: int = DEFAULTS.train.batch_size,
-    lr: float = DEFAULTS.train.lr,
+    dim: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
     workers: int = DEFAULTS.train.workers,
     use_gpu: bool = DEFAULTS.train.use_gpu,
+    gpus_per_worker: float = 1.0,
+    backend: str | None = None,
     resume: bool = False,
-    nce_weight: float = DEFAULTS.train.nce_weight,
+    nce_weight: float | None = None,
+    arch: str | None = None,
+    recipe: str | None = None,
     seed: int = DEFAULTS.train.seed,
     max_failures: int = 3,
     threads_per_worker: int | None = None,
 ) -> dict[str, Any]:
     """Train on every image under `data`; save the model under `out`; return a summary.
 
-    `epochs`: passes over the data; None = the default length (see `plan_training`).
+    Arguments left None are chosen from the data and the hardware (`plan_training`).
     """
     paths = RunPaths(Path(out).resolve())
     check_trainable(paths.root)  # an imported encoder cannot be trained or resumed
@@ -487,37 +565,46 @@ def train(
         refs,
         resume=resume,
         epochs=epochs,
+        steps=steps,
         min_steps=min_steps,
         image_size=image_size,
         channels=channels,
         dim=dim,
         batch_size=batch_size,
+        lr=lr,
+        nce_weight=nce_weight,
+        arch=arch,
+        recipe=recipe,
+        use_gpu=use_gpu,
     )
-    _log_plan(plan, len(refs), min_steps, workers, use_gpu, paths)
     ensure_ray()
     use_gpu = gpu_or_cpu(use_gpu, "training")
+    if use_gpu:
+        check_gpus(workers, gpus_per_worker)
+    _log_plan(plan, len(refs), min_steps, workers, use_gpu, paths)
     atomic_write_json(paths.train_state, plan.state(data))
     board = TrainProgress.remote()
     trainer = make_trainer(
         plan,
-        training_dataset(data, refs, plan.model),
+        training_dataset(data, refs, plan),
         paths,
-        lr=lr,
-        nce_weight=nce_weight,
         seed=seed,
         workers=workers,
         use_gpu=use_gpu,
         max_failures=max_failures,
         threads_per_worker=threads_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        backend=backend,
         progress=board,
     )
     started = time.perf_counter()
     result = fit_with_progress(trainer, board, plan)
     ray.kill(board)
-    model, state = export_model(result, paths, data, workers)
+    model, state = export_model(result, paths, data, workers, plan)
     history = state["history"]
     return {
         "epochs": state["epoch"],
+        "steps": plan.epochs * plan.steps_per_epoch,
         "images": len(refs),
         "final_loss": history[-1]["loss"],
         "history": history,
@@ -527,7 +614,26 @@ def train(
         "seconds": round(time.perf_counter() - started, 1),
         "channels": model.config.channels,
         "image_size": model.config.image_size,
+        "arch": model.config.arch,
+        "recipe": model.config.recipe or "denoise",
+        "dim": model.config.dim,
+        "reason": plan.reason,
     }
+
+
+def check_gpus(workers: int, gpus_per_worker: float) -> None:
+    """One line when the cluster has fewer GPUs than the workers ask for: Ray Train then waits
+    (an autoscaling cluster may still add GPU nodes), which otherwise looks like a hang."""
+    have = ray.cluster_resources().get("GPU", 0)
+    need = workers * gpus_per_worker
+    if have >= need:
+        return
+    fits = int(have // gpus_per_worker) if gpus_per_worker else 0
+    hint = f"--workers {fits}" if fits else f"--gpus-per-worker {have / workers:g}"
+    log(
+        f"train: {workers} worker{'s' if workers != 1 else ''} x {gpus_per_worker:g} GPU need {need:g} GPUs and "
+        f"the cluster has {have:g} now; training waits for more GPU nodes (or run with {hint})"
+    )
 
 
 def _log_plan(
@@ -535,18 +641,21 @@ def _log_plan(
 ) -> None:
     if plan.resumed:
         log(f"train: resuming {paths.checkpoints_dir / plan.run_name}")
+    elif plan.reason:
+        log(f"train: {plan.reason}")
     model = AutoEncoder(plan.model)
     log(
         f"train: {images:,} images, {plan.epochs} epoch{'s' if plan.epochs != 1 else ''} x "
         f"{plan.steps_per_epoch:,} steps, batch {plan.batch_size}, {workers} worker{'s' if workers != 1 else ''} "
-        f"on {'GPU' if use_gpu else 'CPU'}; {plan.model.dim}-d embedding, "
+        f"on {'GPU' if use_gpu else 'CPU'}; {plan.model.arch} {plan.model.image_size} px, recipe "
+        f"{plan.model.recipe or 'denoise'}, {plan.model.dim}-d embedding, "
         f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
     debug(f"train: {model_lib.describe(model)}; checkpoints in {paths.checkpoints_dir / plan.run_name}")
     if plan.repeats > 1 and not plan.resumed:
         log(
             f"train: a small data set, so each epoch passes over it {plan.repeats} times "
-            f"(at least {min_steps:,} steps in all; --epochs E sets exactly E passes)"
+            f"({plan.epochs * plan.steps_per_epoch:,} steps in all; --epochs E sets exactly E passes)"
         )
 
 

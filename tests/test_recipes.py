@@ -103,7 +103,7 @@ def test_copy_loss_reports_both_terms_and_reaches_every_parameter() -> None:
 def test_denoise_recipe_is_the_original_objective() -> None:
     model = AutoEncoder(ModelConfig(dim=8, widths=(8, 16, 32)))
     loss, parts = get_recipe("denoise").loss(model, torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8))
-    assert parts["nce"] == 0.0 and float(loss) == pytest.approx(parts["recon"])
+    assert float(parts["nce"]) == 0.0 and float(loss.detach()) == pytest.approx(float(parts["recon"]))
 
 
 def test_nt_xent_prefers_matching_views() -> None:
@@ -136,3 +136,46 @@ def test_choose_picks_from_the_data_and_says_why() -> None:
     assert config.arch == "resnet" and config.recipe == "copy" and config.channels == 3
     assert config.mirror_symmetric and not small.model_config().mirror_symmetric
     assert set(RECIPES) >= {"denoise", "copy"}
+
+
+def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path) -> None:
+    # what `imgsim train` will run, decided by pipelines.train.plan_training from the files on disk
+    import math
+
+    from imgsim.runs import RunPaths
+    from imgsim.sources import list_images
+    from pipelines.train import plan_training, recipe_of
+
+    photos, grey = tmp_path / "photos", tmp_path / "grey"
+    photos.mkdir()
+    grey.mkdir()
+    for i in range(12):
+        blob_photo(i, size=96).save(photos / f"{i:02d}.jpg")
+        blob_photo(i, size=28).convert("L").save(grey / f"{i:02d}.png")
+
+    def plan(folder, **flags):
+        return plan_training(
+            RunPaths(tmp_path / "run"), list_images(str(folder)), resume=False, epochs=None, **flags
+        )
+
+    p = plan(photos)
+    assert (p.model.arch, p.model.recipe, p.model.image_size, p.model.channels) == ("resnet", "copy", 64, 3)
+    assert p.model.mirror_symmetric and p.decode_size > 64  # crops are resampled from real pixels
+    copy = RECIPES["copy"]
+    assert copy.steps <= p.epochs * p.steps_per_epoch < copy.steps + p.epochs  # in whole epochs
+    assert p.batch_size == 12  # 12 images: the batch is capped
+    assert "median shorter side 96 px" in p.reason
+    g = plan(grey)
+    assert (g.model.arch, g.model.recipe, g.model.image_size, g.model.channels) == ("small", "denoise", 32, 1)
+    assert g.decode_size == 32 and "small images" in g.reason
+    # flags win, and say so
+    forced = plan(photos, arch="small", dim=16, steps=40)
+    assert (forced.model.arch, forced.model.recipe, forced.model.dim) == ("small", "denoise", 16)
+    assert forced.epochs * forced.steps_per_epoch == 40 and "--arch small" in forced.reason
+    exact = plan_training(
+        RunPaths(tmp_path / "run"), list_images(str(photos)), resume=False, epochs=3, batch_size=4
+    )
+    assert (exact.epochs, exact.steps_per_epoch) == (3, math.ceil(12 / 4))  # exactly 3 passes
+    # --contrastive W sets the invariance weight; a denoising model with it is whitened
+    assert recipe_of(g.model, 0.5).nce_weight == 0.5 and recipe_of(g.model, 0.5).whiten
+    assert recipe_of(p.model, None) == copy and not recipe_of(g.model, None).whiten
