@@ -286,8 +286,10 @@ class AutoEncoder(nn.Module):
         if x_all.ndim == 3:
             x_all = x_all.unsqueeze(0)
         out = []
+        on_gpu = device.type == "cuda"
         for start in range(0, len(x_all), batch_size):
-            x = x_all[start : start + batch_size].to(device, non_blocking=True)
+            x = x_all[start : start + batch_size]
+            x = (x.pin_memory() if on_gpu else x).to(device, non_blocking=True)
             z = self.embedding_z(self.to_float(x)).float()
             out.append(((z - self.emb_mean) @ self.emb_whiten).cpu())
         self.train(was_training)

@@ -94,6 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if recipe.nce_weight <= 0:
         # Without the contrastive term the projector gets no gradient; DDP would wait for it forever.
         model.projector.requires_grad_(False)
+    if use_cuda:  # convolutions in bf16 run fastest on NHWC tensors
+        model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     ae: AutoEncoder = getattr(model, "module", model)
     shard = ray.train.get_dataset_shard("train")
@@ -106,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         posted = 0.0
         for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
             x = batch["image"].to(device, non_blocking=True)
+            if use_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
                 loss, parts = recipe.loss(model, x)
             optimizer.zero_grad(set_to_none=True)
