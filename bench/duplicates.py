@@ -193,7 +193,9 @@ def imgsim(*args: str) -> dict:
     return result
 
 
-def photos_part(work: Path, share: float, seed: int, model: Path | None, epochs: int | None) -> dict:
+def photos_part(
+    work: Path, share: float, seed: int, model: Path | None, epochs: int | None, keep_model: bool = False
+) -> dict:
     data = work / "data"
     tiles = photo_tiles(data / "tiles", 256, seed)
     shutil.rmtree(data / "copies", ignore_errors=True)
@@ -201,6 +203,8 @@ def photos_part(work: Path, share: float, seed: int, model: Path | None, epochs:
     run = work / "run"
     train_s = None
     if model is None:
+        if not keep_model:  # train with this imgsim's defaults, not whatever an earlier run left
+            shutil.rmtree(run, ignore_errors=True)
         if not (run / "model" / "model.pt").is_file():
             args = ["train", str(data), "--out", str(run)] + (["--epochs", str(epochs)] if epochs else [])
             train_s = imgsim(*args)["_wall_s"]
@@ -284,7 +288,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="photos: training epochs (default: train's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--sweep-only", action="store_true", help="photos: only the threshold sweep of an existing --work run"
+        "--keep-model", action="store_true", help="photos: reuse the model an earlier run of --work trained"
     )
     a = p.parse_args()
     results = []
@@ -292,7 +296,7 @@ def main() -> None:
         results.append(scale_part(a.n, a.groups, a.threshold, a.seed, a.nprobe, a.nlist))
         print(json.dumps(results[-1]), flush=True)
     if a.part in ("photos", "both"):
-        results.append(photos_part(a.work, a.share, a.seed, a.model, a.epochs))
+        results.append(photos_part(a.work, a.share, a.seed, a.model, a.epochs, a.keep_model))
         print(json.dumps(results[-1]), flush=True)
 
 
