@@ -423,7 +423,8 @@ def _write(
     if previous.manifest:
         prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
         keep = pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
-    n_new = n_good - int(keep.sum())
+    n_kept = int(keep.sum())
+    n_new = n_good - n_kept
     changed = int((~keep).sum()) + n_new
     update = _can_update(previous, n_good, changed, clusters, metric, kind)
 
@@ -475,13 +476,10 @@ def _write(
             index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
             p.note(f"{index.kind_} {metric} index")
         del emb
-        n_kept = int(keep.sum())
-        labels_new = clusterer.labels_[int(keep.sum()) :]
+        labels_new = clusterer.labels_[n_kept:]
         fitted, changed_since_fit = n_good, 0
     fit_s = time.perf_counter() - t0
     sizes = np.zeros(len(clusterer.centroids_), np.int64)
-
-    n_kept = int(keep.sum())
 
     def write_embeddings(target: Path) -> None:
         """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones."""

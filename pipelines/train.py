@@ -585,7 +585,7 @@ def train(
     use_gpu = gpu_or_cpu(use_gpu, "training")
     if use_gpu:
         check_gpus(workers, gpus_per_worker)
-    _log_plan(plan, len(refs), min_steps, workers, use_gpu, paths)
+    _log_plan(plan, len(refs), workers, use_gpu, paths)
     atomic_write_json(paths.train_state, plan.state(data))
     board = TrainProgress.remote()
     trainer = make_trainer(
@@ -640,9 +640,7 @@ def check_gpus(workers: int, gpus_per_worker: float) -> None:
     )
 
 
-def _log_plan(
-    plan: TrainPlan, images: int, min_steps: int, workers: int, use_gpu: bool, paths: RunPaths
-) -> None:
+def _log_plan(plan: TrainPlan, images: int, workers: int, use_gpu: bool, paths: RunPaths) -> None:
     if plan.resumed:
         log(f"train: resuming {paths.checkpoints_dir / plan.run_name}")
     elif plan.reason:
