@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import make_pattern_image, upload_tree
 
+from imgsim import sources
 from imgsim.config import MAX_FILE_BYTES
 from imgsim.errors import ImgsimError
 from imgsim.sources import FileTooLarge, label_for, list_images, read_bytes, s3_filesystem
@@ -58,6 +61,46 @@ def test_lists_images_recursively_sorted_with_labels(tree: Path) -> None:
     assert {Path(r.path).relative_to(tree).as_posix(): r.label for r in refs} == EXPECTED
     for r in refs:
         assert r.size == os.path.getsize(r.path) and r.mtime == os.stat(r.path).st_mtime_ns
+
+
+def test_a_large_local_listing_is_shared_with_helper_processes(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `LIST_PARALLEL_FILES`, helper processes list shares of the folders (hidden files and
+    non-images left out there too): the same table as one process, and a helper that fails (here: a
+    Python that cannot start) has its share listed in the process instead."""
+    for folder in ("birds", "fish", "zebras"):
+        (tree / folder / ".cache").mkdir(parents=True)
+        make_pattern_image(0, seed=2).save(tree / folder / "x.PNG")
+        (tree / folder / ".cache" / "y.png").write_bytes(b"cache")
+        (tree / folder / "z.txt").write_text("not an image")
+    alone = sources.list_table(str(tree))
+    monkeypatch.setattr(sources, "LIST_PARALLEL_FILES", 0)
+    started: list[object] = []
+    popen = subprocess.Popen
+
+    def spy(*args: object, **kwargs: object) -> subprocess.Popen:
+        started.append(args[0])
+        return popen(*args, **kwargs)
+
+    listed_here: list[int] = []
+    rows = sources._listing_rows
+
+    def count(*args: object) -> object:
+        listed_here.append(1)
+        return rows(*args)
+
+    monkeypatch.setattr(sources.subprocess, "Popen", spy)
+    monkeypatch.setattr(sources, "_listing_rows", count)
+    shared = sources.list_table(str(tree))
+    assert shared.equals(alone) and shared.num_rows == len(EXPECTED) + 3
+    shares = min(os.cpu_count() or 1, sources.LIST_PROCESSES, 5)  # after the first of 6 folders
+    assert len(started) == shares - 1
+    folders = 1 + 6  # the top level, then each folder
+    assert len(listed_here) == 2 + -(-5 // shares)  # the helpers listed the other shares
+    listed_here.clear()
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    assert sources.list_table(str(tree)).equals(alone) and len(listed_here) == folders
 
 
 def test_relative_root_gives_absolute_paths(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
