@@ -35,6 +35,41 @@ from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
 from imgsim.runs import RunPaths
 
+#: "0" turns bf16 off on the CPU, "1" forces it on; unset: on where the CPU computes bf16 natively.
+CPU_BF16_ENV = "IMGSIM_CPU_BF16"
+
+
+def uses_bf16(device: torch.device | str) -> bool:
+    """Whether the encoder runs in bf16 autocast with channels_last tensors on `device`.
+
+    Always on a GPU. On a CPU only where it has native bf16 (AVX-512 BF16 or AMX, e.g. Xeon
+    Sapphire Rapids and later), where it is ~4x faster to embed and ~1.8x faster to train than
+    float32 (README, "Speed"); elsewhere bf16 is emulated and slower, so float32 stays.
+    `IMGSIM_CPU_BF16=0|1` overrides the CPU's answer. The bottleneck's relative error is ~0.3 %
+    (cosine distance ~1e-5 between the two), far below any duplicate threshold, so an index built
+    one way and queried the other still agrees.
+    """
+    if torch.device(device).type == "cuda":
+        return True
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cpu_has_native_bf16()
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: stay in float32
+        return False
+
+
+def autocast(device: torch.device | str) -> torch.autocast:
+    """`torch.autocast` in bf16 where `uses_bf16(device)`, else a no-op autocast."""
+    device = torch.device(device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
+
+
 #: Architectures (`ModelConfig.arch`): "small" is the original strided-conv autoencoder (flatten ->
 #: linear bottleneck), right for small greyscale images; "resnet" is a residual encoder with GeM
 #: pooling to the bottleneck and a light upsampling decoder, for colour photos at 64-128 px.
@@ -287,11 +322,16 @@ class AutoEncoder(nn.Module):
             x_all = x_all.unsqueeze(0)
         out = []
         on_gpu = device.type == "cuda"
+        fast = uses_bf16(device)
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size]
             x = (x.pin_memory() if on_gpu else x).to(device, non_blocking=True)
-            z = self.embedding_z(self.to_float(x)).float()
-            out.append(((z - self.emb_mean) @ self.emb_whiten).cpu())
+            x = self.to_float(x)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                z = self.embedding_z(x)
+            out.append(((z.float() - self.emb_mean) @ self.emb_whiten).cpu())
         self.train(was_training)
         if not out:
             return np.zeros((0, self.config.dim), dtype=np.float32)
@@ -342,6 +382,8 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encod
     model = AutoEncoder(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
+    if uses_bf16(device):  # bf16 convolutions run fastest on NHWC weights and inputs (`embed`)
+        model.to(memory_format=torch.channels_last)
     model.fingerprint = hashlib.sha256(data).hexdigest()[:16]  # type: ignore[attr-defined]
     return model
 

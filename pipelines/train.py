@@ -32,7 +32,7 @@ from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.encoders import check_trainable
 from imgsim.errors import ImgsimError
-from imgsim.model import AutoEncoder, ModelConfig, fit_whitening
+from imgsim.model import AutoEncoder, ModelConfig, autocast, fit_whitening, uses_bf16
 from imgsim.plots import plot_loss
 from imgsim.progress import Progress, bar, debug, log, stage
 from imgsim.recipes import Recipe, choose, embedding_statistics, get_recipe
@@ -94,7 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if recipe.nce_weight <= 0:
         # Without the contrastive term the projector gets no gradient; DDP would wait for it forever.
         model.projector.requires_grad_(False)
-    if use_cuda:  # convolutions in bf16 run fastest on NHWC tensors
+    fast = uses_bf16(device)  # a GPU, or a CPU with native bf16 (imgsim.model.uses_bf16)
+    if fast:  # convolutions in bf16 run fastest on NHWC tensors
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     ae: AutoEncoder = getattr(model, "module", model)
@@ -108,9 +109,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         posted = 0.0
         for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
             x = batch["image"].to(device, non_blocking=True)
-            if use_cuda:
+            if fast:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_cuda):
+            with autocast(device):
                 loss, parts = recipe.loss(model, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

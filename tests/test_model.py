@@ -161,3 +161,29 @@ def test_mirror_symmetric_embedding_ignores_a_mirror() -> None:
     np.testing.assert_allclose(m.embed(x), m.embed(x.flip(-1)), atol=1e-5)
     plain = AutoEncoder(ModelConfig(**{**config.to_dict(), "mirror_symmetric": False}))
     assert not np.allclose(plain.embed(x), plain.embed(x.flip(-1)), atol=1e-3)
+
+
+def test_cpu_bf16_follows_the_cpu_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(model_lib.CPU_BF16_ENV, raising=False)
+    assert model_lib.uses_bf16("cpu") == model_lib._cpu_has_native_bf16()
+    monkeypatch.setenv(model_lib.CPU_BF16_ENV, "0")
+    assert not model_lib.uses_bf16("cpu") and not model_lib.autocast("cpu")._enabled
+    monkeypatch.setenv(model_lib.CPU_BF16_ENV, "1")
+    assert model_lib.uses_bf16("cpu")
+
+
+@pytest.mark.parametrize("arch", ["small", "resnet"])
+def test_bf16_and_float32_embeddings_agree(monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """An index embedded in bf16 and a query in float32 (or the reverse) must still match: the two
+    embeddings of one image are ~1e-5 apart in cosine distance, far below any duplicate threshold."""
+    torch.manual_seed(0)
+    size, channels = (32, 1) if arch == "small" else (64, 3)
+    model = AutoEncoder(ModelConfig(image_size=size, channels=channels, arch=arch, dim=32))
+    x = np.random.default_rng(0).integers(0, 256, (16, channels, size, size), dtype=np.uint8)
+    monkeypatch.setenv(model_lib.CPU_BF16_ENV, "0")
+    exact = model.embed(x)
+    monkeypatch.setenv(model_lib.CPU_BF16_ENV, "1")
+    fast = model.embed(x)
+    cos = (exact * fast).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(fast, axis=1)
+    assert not np.array_equal(exact, fast)  # bf16 did run
+    assert float(np.max(1 - cos)) < 1e-3

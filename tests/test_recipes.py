@@ -13,7 +13,7 @@ from PIL import Image
 from imgsim.augment import CopyAugment
 from imgsim.decode import decode_image
 from imgsim.edits import apply_edit, copy_rng
-from imgsim.model import AutoEncoder, ModelConfig
+from imgsim.model import CPU_BF16_ENV, AutoEncoder, ModelConfig
 from imgsim.recipes import RECIPES, choose, get_recipe, nt_xent
 
 
@@ -138,7 +138,7 @@ def test_choose_picks_from_the_data_and_says_why() -> None:
     assert set(RECIPES) >= {"denoise", "copy"}
 
 
-def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path) -> None:
+def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) -> None:
     # what `imgsim train` will run, decided by pipelines.train.plan_training from the files on disk
     import math
 
@@ -158,11 +158,15 @@ def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path) -> None:
             RunPaths(tmp_path / "run"), list_images(str(folder)), resume=False, epochs=None, **flags
         )
 
-    p = plan(photos)
+    copy = RECIPES["copy"]
+    for bf16, steps in (("0", copy.steps), ("1", copy.steps_native_bf16)):  # more steps where bf16 is native
+        monkeypatch.setenv(CPU_BF16_ENV, bf16)
+        p = plan(photos)
+        assert steps <= p.epochs * p.steps_per_epoch < steps + p.epochs  # in whole epochs
+        assert ("bf16 natively" in p.reason) == (bf16 == "1")
+    assert copy.steps_native_bf16 > copy.steps
     assert (p.model.arch, p.model.recipe, p.model.image_size, p.model.channels) == ("resnet", "copy", 64, 3)
     assert p.model.mirror_symmetric and p.decode_size > 64  # crops are resampled from real pixels
-    copy = RECIPES["copy"]
-    assert copy.steps <= p.epochs * p.steps_per_epoch < copy.steps + p.epochs  # in whole epochs
     assert p.batch_size == 12  # 12 images: the batch is capped
     assert "median shorter side 96 px" in p.reason
     g = plan(grey)
