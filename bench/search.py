@@ -122,7 +122,11 @@ def main() -> None:
     p.add_argument("--spread", default="0.7,1.4", help="range of per-component spreads (means ~ N(0, 1))")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--nprobe", default="16,32,64,128", help="IVF nprobe values, comma-separated")
-    p.add_argument("--nlist", type=int, default=None, help="IVF partitions (default 4*sqrt(N))")
+    p.add_argument(
+        "--nlist",
+        default="",
+        help="IVF partitions, comma-separated to compare several in one run (default: imgsim's, 2*sqrt(N))",
+    )
     p.add_argument("--within", default="4,16", help="within-cluster K values, comma-separated ('' skips)")
     p.add_argument("--exact-latency-queries", type=int, default=200, help="exact single-query timings")
     p.add_argument("--threads", type=int, default=None, help="faiss threads (default: imgsim's setting)")
@@ -151,17 +155,20 @@ def main() -> None:
     own = float((x_comp[truth] == q_comp[:, None]).mean())
     print(f"  data: {own:.1%} of the exact top-{a.k} come from the query's own mixture component", flush=True)
 
-    ivf, wall, cpu = timed(lambda: KnnIndex(kind="ivf", nlist=a.nlist).fit(x))
-    assert isinstance(ivf, KnnIndex)
-    print(f"  IVF: nlist {ivf.nlist_}, built in {wall:.1f} s ({cpu:.1f} s CPU)", flush=True)
-    for nprobe in [int(v) for v in a.nprobe.split(",") if v]:
+    for nlist in [int(v) for v in a.nlist.split(",") if v] or [None]:
+        ivf, wall, cpu = timed(lambda nlist=nlist: KnnIndex(kind="ivf", nlist=nlist).fit(x))
+        assert isinstance(ivf, KnnIndex)
+        print(f"  IVF: nlist {ivf.nlist_}, built in {wall:.1f} s ({cpu:.1f} s CPU)", flush=True)
+        for nprobe in [int(v) for v in a.nprobe.split(",") if v]:
 
-        def search(v: np.ndarray, nprobe: int = nprobe) -> tuple[np.ndarray, np.ndarray]:
-            return ivf.search(v, a.k, nprobe=nprobe)
+            def search(
+                v: np.ndarray, nprobe: int = nprobe, ivf: KnnIndex = ivf
+            ) -> tuple[np.ndarray, np.ndarray]:
+                return ivf.search(v, a.k, nprobe=nprobe)
 
-        rows.append(
-            measure(f"IVF {ivf.nlist_} lists, nprobe {nprobe}", (wall, cpu), search, q, truth, a.queries)[0]
-        )
+            name = f"IVF {ivf.nlist_} lists, nprobe {nprobe}"
+            rows.append(measure(name, (wall, cpu), search, q, truth, a.queries)[0])
+        del ivf
 
     for clusters in [int(v) for v in a.within.split(",") if v]:
 

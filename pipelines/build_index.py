@@ -497,7 +497,8 @@ def _write(
                     sizes[:] += np.bincount(np.asarray(t["cluster"]), minlength=len(sizes))[: len(sizes)]
                     if writer is None:
                         schema = t.schema
-                        writer = pq.ParquetWriter(target, schema)
+                        # dictionaries only where values repeat: not unique paths, not float vectors
+                        writer = pq.ParquetWriter(target, schema, use_dictionary=["label", "cluster"])
                     writer.write_table(t.cast(schema))
         finally:
             if writer is not None:
