@@ -277,7 +277,9 @@ def main() -> None:
     p.add_argument(
         "--nprobe", type=int, default=None, help="scale: IVF partitions searched (default the index's)"
     )
-    p.add_argument("--nlist", type=int, default=None, help="scale: IVF partitions (default 4 sqrt(N))")
+    p.add_argument(
+        "--nlist", type=int, default=None, help="scale: IVF partitions (default the index's, 2 sqrt(N))"
+    )
     p.add_argument(
         "--work", type=Path, default=Path("/tmp/imgsim-bench-duplicates"), help="photos: working folder"
     )
