@@ -131,7 +131,8 @@ def default_nlist(n: int) -> int:
 
     At 1M × 64 on 2 cores, 2,000 lists fit and fill in 18 s against 68 s for 4·sqrt(n) = 4,000, with
     recall@10 0.998 against 0.997 at nprobe 16; a query scans twice the vectors (0.20 vs 0.13 ms),
-    which the request's own overhead (~9 ms through Serve) hides (docs/scaling.md)."""
+    which the request's own overhead (~9 ms through Serve) hides. On bench.search's harder synthetic
+    mixture recall@10 at nprobe 16 drops from 0.976 to 0.957 (docs/scaling.md); raise `nprobe` there."""
     return max(1, min(round(2 * math.sqrt(n)), n // 39))
 
 
