@@ -88,10 +88,11 @@ def test_a_different_model_means_a_full_re_embed(run_copy: tuple[Path, Path]) ->
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, list[Path]]:
-    """(folder, good images, bad files): three staging parts' worth of small PNGs and 3 bad files."""
+    """(folder, good images, bad files): five staging parts' worth of small PNGs and 3 bad files
+    (enough that a kill on the first staged part lands mid-run: a part takes ~0.6 s to embed)."""
     root = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(0)
-    good = 3 * STAGING_ROWS
+    good = 5 * STAGING_ROWS
     for i in range(good):
         folder = root / f"c{i % 4}"
         folder.mkdir(exist_ok=True)
@@ -118,7 +119,7 @@ def test_a_killed_index_run_resumes_from_what_it_staged(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: list(run.glob(".index-staging-*/part-*.parquet")), 300, "a staged part")
+        wait_for(lambda: list(run.glob(".index-staging-*/part-*.parquet")), 300, "a staged part", 0.01)
     finally:
         kill_tree(driver.pid)
     assert driver.wait(timeout=30) != 0
