@@ -279,7 +279,7 @@ def index_driver_killed(work: Path, n: int = 14_000) -> Row:
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
     )
     try:
-        wait_for(lambda: staged_parts(run), 600, "a staged part")
+        wait_for(lambda: staged_parts(run), 600, "a staged part", 0.01)
     finally:
         kill_tree(proc.pid)
     proc.wait(timeout=60)
