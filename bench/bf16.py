@@ -43,10 +43,9 @@ def measure(sample: list[tuple[int, int]], channels: int, rounds: int, embed_n: 
     )
     embed_x = rng.integers(0, 256, (embed_n, channels, config.image_size, config.image_size), dtype=np.uint8)
 
-    def step(fast: bool) -> None:
-        x = train_x.contiguous(memory_format=torch.channels_last) if fast else train_x
+    def step() -> None:
         with model_lib.autocast("cpu"):
-            loss, _ = recipe.loss(model, x)
+            loss, _ = recipe.loss(model, train_x.contiguous(memory_format=model_lib.memory_format("cpu")))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,13 +56,12 @@ def measure(sample: list[tuple[int, int]], channels: int, rounds: int, embed_n: 
             (("float32", "0"), ("bf16", "1")) if r % 2 == 0 else (("bf16", "1"), ("float32", "0"))
         ):
             os.environ[model_lib.CPU_BF16_ENV] = flag
-            fast = flag == "1"
-            model.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
+            model.to(memory_format=model_lib.memory_format("cpu"))
             model.train()
             train_s = []
             for _ in range(3):
                 started = time.perf_counter()
-                step(fast)
+                step()
                 train_s.append(time.perf_counter() - started)
             started = time.perf_counter()
             model.embed(embed_x)

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from imgsim.model import AutoEncoder, ModelConfig, autocast, uses_bf16
+from imgsim.model import AutoEncoder, ModelConfig, autocast, memory_format
 from imgsim.recipes import Recipe
 
 
@@ -34,9 +34,8 @@ def train(
     `images` scaled down)."""
     torch.manual_seed(seed)
     model = AutoEncoder(config)
-    fast = uses_bf16("cpu")  # as Ray Train's loop does (imgsim.model.uses_bf16)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format("cpu")  # as Ray Train's loop does (imgsim.model.uses_bf16)
+    model = model.to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
     batch = min(recipe.batch_size, len(images))
     total = steps or recipe.steps
@@ -53,11 +52,8 @@ def train(
             frac = min(1.0, step / total)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
-            x = images[perm[s : s + batch]]
             with autocast("cpu"):
-                loss, parts = recipe.loss(
-                    model, x.contiguous(memory_format=torch.channels_last) if fast else x
-                )
+                loss, parts = recipe.loss(model, images[perm[s : s + batch]].contiguous(memory_format=layout))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

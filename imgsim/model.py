@@ -22,6 +22,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,18 @@ def uses_bf16(device: torch.device | str) -> bool:
     return _cpu_has_native_bf16()
 
 
+@lru_cache(maxsize=1)  # the CPU does not change: probe it once per process, not per batch or step
 def _cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # a torch without these probes: stay in float32
         return False
+
+
+def memory_format(device: torch.device | str) -> torch.memory_format:
+    """channels_last where `uses_bf16(device)` (bf16 convolutions run fastest on NHWC weights and
+    inputs), else the default layout: for `model.to(memory_format=...)` and `x.contiguous(...)`."""
+    return torch.channels_last if uses_bf16(device) else torch.contiguous_format
 
 
 def autocast(device: torch.device | str) -> torch.autocast:
@@ -322,13 +330,11 @@ class AutoEncoder(nn.Module):
             x_all = x_all.unsqueeze(0)
         out = []
         on_gpu = device.type == "cuda"
-        fast = uses_bf16(device)
+        layout = memory_format(device)
         for start in range(0, len(x_all), batch_size):
             x = x_all[start : start + batch_size]
             x = (x.pin_memory() if on_gpu else x).to(device, non_blocking=True)
-            x = self.to_float(x)
-            if fast:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.to_float(x).contiguous(memory_format=layout)
             with autocast(device):
                 z = self.embedding_z(x)
             out.append(((z.float() - self.emb_mean) @ self.emb_whiten).cpu())
@@ -381,9 +387,7 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encod
     payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     model = AutoEncoder(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
-    if uses_bf16(device):  # bf16 convolutions run fastest on NHWC weights and inputs (`embed`)
-        model.to(memory_format=torch.channels_last)
+    model.to(device, memory_format=memory_format(device)).eval()
     model.fingerprint = hashlib.sha256(data).hexdigest()[:16]  # type: ignore[attr-defined]
     return model
 

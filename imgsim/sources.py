@@ -183,7 +183,7 @@ def _hint(root: str) -> str:
 LIST_THREADS = 8
 #: A local listing estimated at this many files or more is shared with helper processes, one per
 #: further core (at most `LIST_PROCESSES` in all): turning each file's stat into a row holds the GIL,
-#: so threads do not help there (1M files: 6.7 s in one process, docs/scaling.md).
+#: so threads do not help there (1M files: 6.7 s in one process; README, "A million images").
 LIST_PARALLEL_FILES = 200_000
 LIST_PROCESSES = 4
 
@@ -217,6 +217,12 @@ def _listing_rows(infos: list[pafs.FileInfo], base: str, shown: str) -> pa.Table
     labels = pc.if_else(pc.match_substring(rel, "/"), first, pa.scalar(None, pa.string()))
     paths = pc.binary_join_element_wise(shown + "/", rel, "")
     return pa.Table.from_arrays([paths, labels, sizes, mtimes], schema=LISTING_SCHEMA)
+
+
+def _folder_rows(fs: pafs.FileSystem, folder: str, base: str, shown: str, s3: bool = False) -> pa.Table:
+    """The listing rows of everything under `folder` (one recursive listing, retried on S3)."""
+    selector = pafs.FileSelector(folder, recursive=True)
+    return _listing_rows(retrying(lambda: fs.get_file_info(selector), s3), base, shown)
 
 
 def list_table(root: str) -> pa.Table:
@@ -264,8 +270,7 @@ def list_table(root: str) -> pa.Table:
         ]
 
         def list_folder(folder: str) -> pa.Table:
-            selector = pafs.FileSelector(folder, recursive=True)
-            return _listing_rows(retrying(lambda: fs.get_file_info(selector), s3), base, shown)
+            return _folder_rows(fs, folder, base, shown, s3)
 
         def list_folders(some: list[str]) -> list[pa.Table]:
             if not some:
@@ -336,10 +341,7 @@ def _listing_helper() -> None:
     """A helper process of `_list_in_processes`: folders on stdin (JSON), their rows on stdout."""
     job = json.load(sys.stdin)
     fs = pafs.LocalFileSystem()
-    tables = [
-        _listing_rows(fs.get_file_info(pafs.FileSelector(folder, recursive=True)), job["base"], job["shown"])
-        for folder in job["folders"]
-    ]
+    tables = [_folder_rows(fs, folder, job["base"], job["shown"]) for folder in job["folders"]]
     table = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
     with pa.ipc.new_stream(sys.stdout.buffer, LISTING_SCHEMA) as writer:
         writer.write_table(table)
@@ -413,7 +415,7 @@ def _read_once(uri: str, max_bytes: int | None) -> bytes:
             if max_bytes is not None and size > max_bytes:
                 raise FileTooLarge(f"file too large ({size:,} bytes > {max_bytes:,})")
             # read(n) allocates n bytes first: ask for the file's size (+1 tells growth apart), not the cap
-            data = f.read(size + 1 if want < 0 else min(want, size + 1))
+            data = f.read(size + 1)
     else:
         fs, path = filesystem_for(uri)
         with fs.open_input_stream(path) as f:

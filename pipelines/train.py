@@ -32,7 +32,7 @@ from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.encoders import check_trainable
 from imgsim.errors import ImgsimError
-from imgsim.model import AutoEncoder, ModelConfig, autocast, fit_whitening, uses_bf16
+from imgsim.model import AutoEncoder, ModelConfig, autocast, fit_whitening, memory_format
 from imgsim.plots import plot_loss
 from imgsim.progress import Progress, bar, debug, log, stage
 from imgsim.recipes import Recipe, choose, embedding_statistics, get_recipe
@@ -94,9 +94,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if recipe.nce_weight <= 0:
         # Without the contrastive term the projector gets no gradient; DDP would wait for it forever.
         model.projector.requires_grad_(False)
-    fast = uses_bf16(device)  # a GPU, or a CPU with native bf16 (imgsim.model.uses_bf16)
-    if fast:  # convolutions in bf16 run fastest on NHWC tensors
-        model = model.to(memory_format=torch.channels_last)
+    layout = memory_format(device)  # channels_last with bf16: a GPU, or a CPU with native bf16
+    model = model.to(memory_format=layout)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
     ae: AutoEncoder = getattr(model, "module", model)
     shard = ray.train.get_dataset_shard("train")
@@ -108,9 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         posted = 0.0
         for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
-            x = batch["image"].to(device, non_blocking=True)
-            if fast:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=layout)
             with autocast(device):
                 loss, parts = recipe.loss(model, x)
             optimizer.zero_grad(set_to_none=True)
