@@ -960,8 +960,10 @@ def _add_arguments(p: argparse.ArgumentParser, command: Command) -> None:
     p.set_defaults(func=command.run, command=command.name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `imgsim` parser: one sub-command per entry of COMMANDS."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `imgsim` parser: one sub-command per entry of COMMANDS, each with its arguments (`only`:
+    just that command's, which is all a command line naming it needs: building them all imports
+    torch for `train`'s defaults, 1.5 s before any command could start)."""
     parser = argparse.ArgumentParser(
         prog="imgsim",
         description="Image-similarity search: learn a compact embedding of a folder or S3 prefix of images "
@@ -978,7 +980,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=command.description,
             formatter_class=HelpFormatter,
         )
-        _add_arguments(p, command)
+        if only is None or command.name == only:
+            _add_arguments(p, command)
     return parser
 
 
@@ -1041,7 +1044,9 @@ def _run(args: argparse.Namespace) -> tuple[int, str | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`imgsim COMMAND ...`."""
-    return _execute(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = argv[0] if argv and argv[0] in {c.name for c in COMMANDS} else None
+    return _execute(build_parser(only=named).parse_args(argv))
 
 
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ different model means a full re-embed. While less than `REFIT_SHARE` of the inde
 since it was fitted (same model, metric, clusters and index kind), a re-run *updates* the previous
 index instead of fitting it again: removed rows leave the KNN index, new rows are assigned to the
 existing KMeans centroids and IVF lists and appended, so unchanged images keep their order and
-their cluster. `--full` fits everything again. Resumable: embeddings stream into part files under
+their cluster (when nothing was removed, the previous embeddings.parquet is copied as bytes and the
+new rows appended: `imgsim.parquet_append`). `--full` fits everything again. Resumable: embeddings stream into part files under
 `RUN/.index-staging-<model>/` as batches finish, so a killed run picks up where it stopped. The
 new `RUN/index/` is built beside the old one and swapped in whole (`imgsim.atomic`), so readers
 never see a half-written index; a full disk ends the run with a one-line `DiskFull` error and the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.errors import DiskFull, ImgsimError, disk_full
 from imgsim.index import KMeansClusterer, KnnIndex
+from imgsim.parquet_append import append_rows
 from imgsim.progress import bar, log, stage
 from imgsim.rows import (
     FILE_SCHEMA,
@@ -57,6 +60,8 @@ READ_ROWS = 65_536  # rows per batch read back from the staged parts and the pre
 #: Refit KMeans and the KNN index from scratch once this share of the rows has changed (added or
 #: removed) since they were fitted; below it a re-run updates them (see the module docstring).
 REFIT_SHARE = 0.2
+#: embeddings.parquet's dictionary-encoded columns: where values repeat (not paths, not float vectors).
+EMBEDDINGS_DICTIONARY = ["label", "cluster"]
 FILE_COLUMNS = ["path", "label", "size", "mtime", "error", "content_hash", "width", "height"]
 
 
@@ -164,18 +169,31 @@ def _staged_listing(parts: list[Path]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _unchanged(listing: pa.Table, known: pa.Table) -> np.ndarray:
-    """For each listed input, the row of `known` recording it with the same size and mtime, or -1."""
+def _rows_of(listing: pa.Table, known: pa.Table) -> np.ndarray:
+    """For each listed input, the row of `known` with its path, or -1."""
     if known.num_rows == 0:
         return np.full(listing.num_rows, -1, np.int64)
     at = pc.index_in(listing["path"], value_set=known["path"])
-    found = pc.is_valid(at).to_numpy(zero_copy_only=False)
-    rows = at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _unchanged(
+    listing: pa.Table, known: pa.Table, rows: np.ndarray | None = None, usable: np.ndarray | None = None
+) -> np.ndarray:
+    """For each listed input, the row of `known` recording it with the same size and mtime (and where
+    the mask `usable` holds, if given), or -1. `rows`: `_rows_of(listing, known)` if already known."""
+    if known.num_rows == 0:
+        return np.full(listing.num_rows, -1, np.int64)
+    rows = _rows_of(listing, known) if rows is None else rows
+    found = rows >= 0
+    at = np.where(found, rows, 0)
     same = (
         found
-        & (known["size"].to_numpy()[rows] == listing["size"].to_numpy())
-        & (known["mtime"].to_numpy()[rows] == listing["mtime"].to_numpy())
+        & (known["size"].to_numpy()[at] == listing["size"].to_numpy())
+        & (known["mtime"].to_numpy()[at] == listing["mtime"].to_numpy())
     )
+    if usable is not None:
+        same &= usable[at]
     return np.where(same, rows, -1)
 
 
@@ -202,8 +220,9 @@ def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
     retry = pc.starts_with(errors, READ_FAILURES[0])
     for prefix in READ_FAILURES[1:]:
         retry = pc.or_(retry, pc.starts_with(errors, prefix))
-    usable = previous.filter(pc.invert(retry)) if previous.num_rows else previous
-    from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, usable))
+    usable = ~retry.to_numpy(zero_copy_only=False)
+    in_previous = _rows_of(listing, previous)
+    from_previous = np.where(from_staged >= 0, -1, _unchanged(listing, previous, in_previous, usable))
     todo_mask = (from_staged < 0) & (from_previous < 0)
     hits = from_staged[from_staged >= 0]
     resumed: dict[int, np.ndarray] = {}
@@ -212,12 +231,13 @@ def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
         row = staged["row"].to_numpy()[hits]
         for p in np.unique(part):
             resumed[int(p)] = np.sort(row[part == p])
-    gone = pc.invert(pc.is_in(previous["path"], value_set=listing["path"])) if previous.num_rows else None
     return Plan(
         todo=listing.filter(pa.array(todo_mask)),
         resumed=resumed,
-        reused=usable.take(from_previous[from_previous >= 0]),
-        removed=int(pc.sum(gone).as_py() or 0) if gone is not None else 0,
+        # in the previous file's order: when every row stays, files.parquet is appended to, not rewritten
+        reused=previous.take(np.sort(from_previous[from_previous >= 0])),
+        # paths are unique on both sides: a previous path the listing did not find is gone
+        removed=previous.num_rows - int((in_previous >= 0).sum()),
     )
 
 
@@ -237,9 +257,8 @@ def _in_process(images: int, use_gpu: bool) -> bool:
     cluster: RAY_ADDRESS, or a Ray already connected to more than one node)."""
     if use_gpu or images > DEFAULTS.index.in_process_max or os.environ.get("RAY_ADDRESS"):
         return False
-    import ray
-
-    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+    ray = sys.modules.get("ray")  # not imported: not initialised either
+    return ray is None or not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
 
 
 def _embed_into_staging(
@@ -421,8 +440,12 @@ def _write(
     # the previous index's rows that stay (in their order), as a mask over embeddings.parquet
     keep = np.zeros(0, bool)
     if previous.manifest:
-        prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
-        keep = pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
+        good_reused = reused["error"].null_count  # rows without an error: those in embeddings.parquet
+        if good_reused == previous.manifest.get("images", -1):  # every previous row stays
+            keep = np.ones(good_reused, bool)
+        else:
+            prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
+            keep = pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
     n_kept = int(keep.sum())
     n_new = n_good - n_kept
     changed = int((~keep).sum()) + n_new
@@ -481,9 +504,24 @@ def _write(
     fit_s = time.perf_counter() - t0
     sizes = np.zeros(len(clusterer.centroids_), np.int64)
 
+    def with_labels(tables: Iterator[pa.Table], labels: np.ndarray) -> Iterator[pa.Table]:
+        at = 0
+        for t in tables:
+            t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
+            at += t.num_rows
+            yield t.select([*INDEX_COLUMNS, "embedding"])
+
     def write_embeddings(target: Path) -> None:
-        """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones."""
+        """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones.
+        When only rows were added, the previous file's bytes are copied and the new rows appended
+        (`imgsim.parquet_append`), rather than a million unchanged rows decoded and encoded again."""
         without_cluster = [c for c in INDEX_COLUMNS if c != "cluster"] + ["embedding"]
+        if update and n_kept and keep.all():
+            new_rows = list(with_labels(new_good(without_cluster), labels_new))
+            if append_rows(paths.embeddings, new_rows, target, use_dictionary=EMBEDDINGS_DICTIONARY):
+                clusters = pq.read_table(target, columns=["cluster"])["cluster"]
+                sizes[:] = np.bincount(np.asarray(clusters), minlength=len(sizes))[: len(sizes)]
+                return
         previous_labels = None if update else clusterer.labels_[:n_kept]  # None: keep the stored ones
         writer = schema = None
         try:
@@ -497,12 +535,18 @@ def _write(
                     sizes[:] += np.bincount(np.asarray(t["cluster"]), minlength=len(sizes))[: len(sizes)]
                     if writer is None:
                         schema = t.schema
-                        # dictionaries only where values repeat: not unique paths, not float vectors
-                        writer = pq.ParquetWriter(target, schema, use_dictionary=["label", "cluster"])
+                        writer = pq.ParquetWriter(target, schema, use_dictionary=EMBEDDINGS_DICTIONARY)
                     writer.write_table(t.cast(schema))
         finally:
             if writer is not None:
                 writer.close()
+
+    def write_files(target: Path) -> None:
+        """files.parquet: appended to when it is `reused` unchanged (every previous row kept, in order)."""
+        unchanged = reused.num_rows and reused.num_rows == previous.files.num_rows
+        if unchanged and append_rows(paths.files, list(new.batches(FILE_COLUMNS)), target):
+            return
+        pq.write_table(files, target)
 
     bad = files.filter(pc.invert(ok))
     manifest = {
@@ -529,7 +573,7 @@ def _write(
             model_fingerprint=fingerprint,
             extra_files={
                 paths.embeddings.name: write_embeddings,
-                paths.files.name: lambda p: pq.write_table(files, p),
+                paths.files.name: write_files,
                 paths.skipped.name: lambda p: p.write_text(skipped_lines),
                 paths.kmeans_dir.name: clusterer.save,
                 paths.manifest.name: lambda p: p.write_text(json.dumps(manifest, indent=2)),

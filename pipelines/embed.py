@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 
 from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
 from imgsim.progress import bar, log
 from imgsim.rows import as_text, ok_mask
 from imgsim.sources import ImageRef, is_s3
-from pipelines.ingest import read_and_decode, read_images
+from pipelines.ingest import decode_batch, read_images
 from pipelines.runtime import ensure_ray
+
+if TYPE_CHECKING:  # Ray is imported where a job is built: embedding in this process never needs it
+    import ray
 
 SLOW_READ_SHARE = 0.5  # S3 reads taking more than this share of worker time are worth a line
 
@@ -64,6 +67,8 @@ def embed_dataset(
 ) -> ray.data.Dataset:
     """Map ingest rows to `{path, label, embedding, error, read_s, decode_s, encode_s}` with
     `concurrency` actors (default: `actor_count(use_gpu)`)."""
+    import ray
+
     concurrency = concurrency or actor_count(use_gpu)
     return ds.map_batches(
         Embedder,
@@ -80,6 +85,8 @@ def actor_count(use_gpu: bool) -> int:
     """Embedding actors by default: one per GPU of the cluster with --gpu (each holds a whole GPU),
     else `IndexConfig.concurrency`."""
     if use_gpu:
+        import ray
+
         return max(1, int(ray.cluster_resources().get("GPU", 0)))
     return DEFAULTS.index.concurrency
 
@@ -139,22 +146,35 @@ def embed_in_process(
     todo: pa.Table, run: str, *, batch_size: int = DEFAULTS.index.embed_batch_size
 ) -> Iterator[dict[str, np.ndarray]]:
     """The embedding rows of a listing (`imgsim.sources.list_table` columns), computed in this process
-    with the same read/decode and `Embedder` as the Ray Data job, one batch at a time.
+    with the same read/decode and `Embedder` as the Ray Data job, one batch at a time: a thread reads
+    and decodes the next batch while the encoder (which leaves Python's lock) embeds this one, in one
+    torch thread (with one per core, torch's idle threads spin on the core the decoding needs; this
+    process's torch thread count is restored afterwards).
 
     For a handful of images: a Ray Data job first starts its actor pool (seconds, more on a busy
     machine), which costs more than embedding a few thousand small images here (docs/scaling.md).
     """
-    embedder = Embedder(run)
+    import torch
+
+    threads = torch.get_num_threads()
+    embedder = Embedder(run, threads=1)
     cfg = embedder.model.config
-    for start in range(0, todo.num_rows, batch_size):
+
+    def decoded(start: int) -> dict[str, np.ndarray]:
         chunk = todo.slice(start, batch_size)
         batch = {name: chunk[name].to_numpy(zero_copy_only=False) for name in chunk.column_names}
-        rows = read_and_decode(batch, cfg.image_size, cfg.channels)
-        decoded = {
-            name: rows[name].to_numpy(zero_copy_only=False) for name in rows.column_names if name != "image"
-        }
-        decoded["image"] = rows["image"].combine_chunks().to_numpy()
-        yield embedder(decoded)
+        return decode_batch(batch, cfg.image_size, cfg.channels)
+
+    starts = range(0, todo.num_rows, batch_size)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(decoded, starts[0]) if starts else None
+            for i in range(len(starts)):
+                batch = pending.result()  # type: ignore[union-attr]
+                pending = pool.submit(decoded, starts[i + 1]) if i + 1 < len(starts) else None
+                yield embedder(batch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def embed_folder(

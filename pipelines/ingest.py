@@ -21,13 +21,11 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 from PIL import Image
-from ray.data.extensions import ArrowTensorArray
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
 from imgsim.decode import DecodeError, decode_image_and_size, greyscale_bytes
@@ -43,6 +41,9 @@ from imgsim.sources import (
     list_table,
     read_bytes,
 )
+
+if TYPE_CHECKING:  # Ray is imported where a job is built: embedding in this process never needs it
+    import ray
 
 #: Images per decode task: at least this many, to amortise Ray's per-task overhead ...
 READ_BATCH = 256
@@ -121,6 +122,8 @@ def _table(
     decode_s: float,
 ) -> pa.Table:
     """Ingest rows as an Arrow table with explicit types (see `imgsim.rows`)."""
+    from ray.data.extensions import ArrowTensorArray  # here: a process embedding in itself never needs it
+
     n = len(paths)
     return pa.table(
         {
@@ -158,6 +161,51 @@ def read_and_decode(
 ) -> pa.Table:
     """Map a batch of `{path, label}` to ingest rows; an input that fails becomes an error row."""
     apply_aws_settings(aws)
+    columns = decode_columns(batch, image_size, channels, keep_errors, max_file_bytes)
+    extra = columns.pop("extra")
+    table = _table(**columns)
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values))
+    return table
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], image_size: int, channels: int, max_file_bytes: int = MAX_FILE_BYTES
+) -> dict[str, np.ndarray]:
+    """`read_and_decode`'s rows as the numpy batch Ray Data would hand the next stage (images as one
+    uint8 array), without an Arrow table in between: for embedding in this process."""
+    columns = decode_columns(batch, image_size, channels, True, max_file_bytes)
+    n = len(columns["paths"])
+
+    def objects(values: list[Any]) -> np.ndarray:
+        out = np.empty(n, object)
+        out[:] = values
+        return out
+
+    return {
+        "path": objects(columns["paths"]),
+        "label": objects(columns["labels"]),
+        "image": columns["images"],
+        "error": objects(columns["errors"]),
+        "content_hash": objects(columns["hashes"]),
+        "width": columns["sizes"][:, 0],
+        "height": columns["sizes"][:, 1],
+        "read_s": np.full(n, columns["read_s"] / max(n, 1)),
+        "decode_s": np.full(n, columns["decode_s"] / max(n, 1)),
+        **columns["extra"],
+    }
+
+
+def decode_columns(
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    channels: int,
+    keep_errors: bool = True,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> dict[str, Any]:
+    """`read_and_decode`'s rows as Python columns (the images one uint8 array), for a caller in this
+    process that wants arrays, not an Arrow table: `paths`, `labels`, `images`, `errors`, `hashes`,
+    `sizes`, `read_s`, `decode_s`, and `extra` (the batch's other columns, e.g. size, mtime)."""
     paths = [str(p) for p in batch["path"]]
     n = len(paths)
     images = np.zeros((n, channels, image_size, image_size), dtype=np.uint8)
@@ -187,10 +235,8 @@ def read_and_decode(
         paths, labels, hashes = [paths[i] for i in keep], [labels[i] for i in keep], [hashes[i] for i in keep]
         errors, images, sizes = [None] * len(keep), images[keep], sizes[keep]
         extra = {k: v[keep] for k, v in extra.items()}
-    table = _table(paths, labels, images, errors, hashes, sizes, read_s, decode_s)
-    for name, values in extra.items():
-        table = table.append_column(name, pa.array(values))
-    return table
+    return {"paths": paths, "labels": labels, "images": images, "errors": errors, "hashes": hashes,
+            "sizes": sizes, "read_s": read_s, "decode_s": decode_s, "extra": extra}  # fmt: skip
 
 
 def refs_table(refs: Sequence[ImageRef] | pa.Table) -> pa.Table:
@@ -210,6 +256,8 @@ def refs_table(refs: Sequence[ImageRef] | pa.Table) -> pa.Table:
 def refs_dataset(refs: Sequence[ImageRef] | pa.Table, batch_size: int = READ_BATCH) -> ray.data.Dataset:
     """A dataset of the listing's rows (`path`, `label`, and `size`, `mtime`, which the rows carry
     through to the end) in blocks small enough that every core gets work."""
+    import ray
+
     table = refs_table(refs)
     rows_per_block = max(batch_size, -(-table.num_rows // MAX_INPUT_BLOCKS))
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
@@ -226,7 +274,8 @@ def read_batch_size(n_images: int) -> int:
     well under a millisecond, so larger tasks were much faster (docs/scaling.md, "Figures behind
     decisions"). Four tasks per CPU keep every core busy to the end.
     """
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+    ray = sys.modules.get("ray")  # not imported: not initialised either
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray is not None and ray.is_initialized() else 1
     return int(min(MAX_READ_BATCH, max(READ_BATCH, n_images // (4 * max(cpus, 1)))))
 
 
@@ -248,6 +297,8 @@ def read_images(
     of decode tasks running at once (default: as many as there are free CPUs). `batch_size`: images
     per decode task (default `read_batch_size`).
     """
+    import ray
+
     refs = list_table(root) if refs is None else refs
     batch_size = batch_size or read_batch_size(len(refs))
     ds = refs_dataset(refs, batch_size)

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import os
 
-import ray
-
 from imgsim import console
 from imgsim.progress import log, seconds, stage
 
@@ -62,6 +60,8 @@ def starts_local_ray(address: str | None = None) -> bool:
 def ensure_ray(**kwargs) -> None:
     """`ray.init` unless Ray is already initialised; joins RAY_ADDRESS when it is set. Says so in
     one line on the console, with where Ray's logs go."""
+    import ray  # here, not at the top: a pipeline that needs no Ray this time does not pay its import
+
     if ray.is_initialized():
         return
     kwargs.setdefault("log_to_driver", console.verbose())
@@ -78,6 +78,8 @@ def ensure_ray(**kwargs) -> None:
 
 
 def _ray_line(local: bool, took: float) -> str:
+    import ray
+
     res = ray.cluster_resources()
     size = f"{res.get('CPU', 0):g} CPUs" + (f", {res['GPU']:g} GPUs" if res.get("GPU") else "")
     what = f"started a local Ray ({size})" if local else f"joined the Ray cluster ({size})"
@@ -89,6 +91,8 @@ def _ray_line(local: bool, took: float) -> str:
 def gpu_or_cpu(use_gpu: bool, what: str) -> bool:
     """`use_gpu`, unless a local Ray has no GPU: then `what` runs on the CPU, said in one line (a
     cluster may still add GPU nodes, so there we ask for them and wait)."""
+    import ray
+
     if not use_gpu or ray.cluster_resources().get("GPU", 0) > 0:
         return use_gpu
     node = getattr(getattr(ray, "_private", None), "worker", None)

@@ -77,6 +77,30 @@ def test_incremental_rerun_embeds_only_what_changed(run_copy: tuple[Path, Path])
     assert build_index(str(data), str(run))["embedded"] == 0
 
 
+def test_added_images_are_appended_to_the_index_files(run_copy: tuple[Path, Path]) -> None:
+    """Only new images: embeddings.parquet and files.parquet keep every previous row as it was and gain
+    the new ones after them (`imgsim.parquet_append`: one more row group, not a rewrite), and a search
+    finds a new image."""
+    from imgsim.search import Searcher
+
+    data, run = run_copy
+    index = run / "index"
+    before = {name: pq.read_table(index / name) for name in ("embeddings.parquet", "files.parquet")}
+    groups = {name: pq.ParquetFile(index / name).metadata.num_row_groups for name in before}
+    added = [data / "blob" / f"added{i}.png" for i in range(3)]
+    for i, path in enumerate(added):
+        make_pattern_image(i, seed=900 + i).save(path)
+    summary = build_index(str(data), str(run))
+    assert summary["embedded"] == 3 and summary["updated"] and summary["images"] == 35
+    for name, old in before.items():
+        now = pq.read_table(index / name)
+        assert now.slice(0, old.num_rows).equals(old)
+        assert sorted(now.slice(old.num_rows)["path"].to_pylist()) == sorted(map(str, added))
+        assert pq.ParquetFile(index / name).metadata.num_row_groups == groups[name] + 1
+    found = Searcher.load(run).search(str(added[1]), k=1)["results"][0]
+    assert found["path"] == str(added[1]) and found["distance"] < 1e-4
+
+
 def test_a_different_model_means_a_full_re_embed(run_copy: tuple[Path, Path]) -> None:
     data, run = run_copy
     m = model_lib.load(run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,44 +62,56 @@ def test_lists_images_recursively_sorted_with_labels(tree: Path) -> None:
         assert r.size == os.path.getsize(r.path) and r.mtime == os.stat(r.path).st_mtime_ns
 
 
-def test_a_large_local_listing_is_shared_with_helper_processes(
-    tree: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past `LIST_PARALLEL_FILES`, helper processes list shares of the folders (hidden files and
-    non-images left out there too): the same table as one process, and a helper that fails (here: a
-    Python that cannot start) has its share listed in the process instead."""
+def test_find_and_pyarrow_list_the_same_rows(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local folders are listed by GNU find processes; where find cannot run (here: not on PATH),
+    pyarrow lists them instead, with the same rows: links followed, hidden files and folders, FIFOs
+    and non-images left out, names with spaces, newlines and non-ASCII letters kept."""
     for folder in ("birds", "fish", "zebras"):
         (tree / folder / ".cache").mkdir(parents=True)
         make_pattern_image(0, seed=2).save(tree / folder / "x.PNG")
         (tree / folder / ".cache" / "y.png").write_bytes(b"cache")
         (tree / folder / "z.txt").write_text("not an image")
+    make_pattern_image(1, seed=2).save(tree / "fish" / "a name\nwith ünïcode.png")
+    os.mkfifo(tree / "fish" / "pipe.png")
+    (tree / "linked").symlink_to(tree / "dogs", target_is_directory=True)
+    (tree / "birds" / "link.png").symlink_to(tree / "cats" / "a.png")
+    os.utime(tree / "cats" / "a.png", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    calls: list[list[str]] = []
+    run = subprocess.run
+
+    def spy(command: list[str], *args: object, **kwargs: object) -> object:
+        calls.append(command)
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(sources.subprocess, "run", spy)
+    by_find = sources.list_table(str(tree))
+    assert calls and all(c[0] == "find" for c in calls)
+    assert len(calls) == min(os.cpu_count() or 1, sources.LIST_PROCESSES)  # one share each
+    monkeypatch.setenv("PATH", str(tree / "cats"))  # no find there
+    calls.clear()
+    by_pyarrow = sources.list_table(str(tree))
+    assert calls and by_pyarrow.equals(by_find)
+    listed = {Path(p).relative_to(tree).as_posix(): m for p, m in zip(
+        by_find["path"].to_pylist(), by_find["mtime"].to_pylist(), strict=True)}  # fmt: skip
+    assert set(listed) == {
+        *EXPECTED, "birds/x.PNG", "fish/x.PNG", "zebras/x.PNG", "fish/a name\nwith ünïcode.png",
+        "birds/link.png", "linked/d.Tiff", "linked/puppies/c.jpeg",
+    }  # fmt: skip
+    assert listed["cats/a.png"] == listed["birds/link.png"] == 1_700_000_000_123_456_789
+    sizes = dict(zip(by_find["path"].to_pylist(), by_find["size"].to_pylist(), strict=True))
+    assert all(size == os.path.getsize(path) for path, size in sizes.items())
+
+
+def test_find_lists_in_calls_of_a_bounded_number_of_folders(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many top-level folders go to find in several calls (the kernel bounds a command's length)."""
+    for i in range(7):
+        (tree / f"folder{i}").mkdir()
+        make_pattern_image(i, seed=3).save(tree / f"folder{i}" / "x.png")
     alone = sources.list_table(str(tree))
-    monkeypatch.setattr(sources, "LIST_PARALLEL_FILES", 0)
-    started: list[object] = []
-    popen = subprocess.Popen
-
-    def spy(*args: object, **kwargs: object) -> subprocess.Popen:
-        started.append(args[0])
-        return popen(*args, **kwargs)
-
-    listed_here: list[int] = []
-    rows = sources._listing_rows
-
-    def count(*args: object) -> object:
-        listed_here.append(1)
-        return rows(*args)
-
-    monkeypatch.setattr(sources.subprocess, "Popen", spy)
-    monkeypatch.setattr(sources, "_listing_rows", count)
-    shared = sources.list_table(str(tree))
-    assert shared.equals(alone) and shared.num_rows == len(EXPECTED) + 3
-    shares = min(os.cpu_count() or 1, sources.LIST_PROCESSES, 5)  # after the first of 6 folders
-    assert len(started) == shares - 1
-    folders = 1 + 6  # the top level, then each folder
-    assert len(listed_here) == 2 + -(-5 // shares)  # the helpers listed the other shares
-    listed_here.clear()
-    monkeypatch.setattr(sys, "executable", "/bin/false")
-    assert sources.list_table(str(tree)).equals(alone) and len(listed_here) == folders
+    monkeypatch.setattr(sources, "FIND_FOLDERS_PER_CALL", 2)
+    assert sources.list_table(str(tree)).equals(alone) and alone.num_rows == len(EXPECTED) + 7
 
 
 def test_relative_root_gives_absolute_paths(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
