@@ -74,3 +74,22 @@ def test_what_it_does_not_handle_is_left_to_the_caller(old: Path, tmp_path: Path
     junk.write_bytes(b"not parquet at all, just some bytes")
     assert not append_rows(junk, [_rows(0, 10)], target)
     assert not target.exists()
+
+
+def test_a_full_disk_is_an_os_error_and_the_old_file_stays(tmp_path: Path) -> None:
+    """On a filesystem without room for the copy, the disk's error reaches the caller (which ends the
+    index run with its one-line DiskFull error and removes the half-written directory)."""
+    from bench.faults import fill, small_filesystem
+    from imgsim.errors import disk_full
+
+    with small_filesystem(8) as mount:
+        if mount is None:
+            pytest.skip("mounting a tmpfs is not permitted here")
+        old = mount / "old.parquet"
+        pq.write_table(_rows(0, 20_000), old)  # ~1 MB
+        before = old.read_bytes()
+        fill(mount, leave_bytes=len(before) // 2)
+        with pytest.raises(OSError) as raised:
+            append_rows(old, [_rows(20_000, 10)], mount / "new.parquet")
+        assert disk_full(raised.value)
+        assert old.read_bytes() == before
