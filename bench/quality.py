@@ -5,6 +5,10 @@ This is how the defaults were chosen; `imgsim train` + `imgsim eval` give the of
 
     python -m bench.quality --minutes 4              # the defaults' recipe
     python -m bench.quality --minutes 4 --nce 0.5    # with the contrastive term
+    python -m bench.quality --steps 1875,3750        # `imgsim train`'s choice and recipe, N steps each
+
+`--steps` trains what `imgsim train` picks for Fashion-MNIST (`imgsim.recipes.choose`) with
+`bench.inproc.train` (the Ray Train loop's calls, in bf16 where the CPU has it) for each step count.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ def main() -> None:
     p.add_argument("--aug-scale", type=float, default=Augment.scale[0], help="smallest crop scale")
     p.add_argument("--aug-shift", type=float, default=Augment.max_shift)
     p.add_argument("--baselines-only", action="store_true", help="raw pixels and the hand-made descriptor")
+    p.add_argument("--steps", default="", help="comma-separated step counts: the default recipe, in-process")
     a = p.parse_args()
+    if a.steps:
+        return default_recipe_steps([int(s) for s in a.steps.split(",")], a.threads)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     xtr, ytr = load_split("train", a.size)
@@ -120,6 +127,29 @@ def main() -> None:
         f"(raw pixels, centred cosine: {raw:.4f}; hand-made 8x8: {hand:.4f}); "
         f"last loss { {k: round(float(v), 4) for k, v in parts.items()} }"
     )
+
+
+def default_recipe_steps(steps: list[int], threads: int) -> None:
+    """P@10 of `imgsim train`'s default choice for Fashion-MNIST after each number of steps."""
+    from bench.inproc import train
+    from imgsim.recipes import RECIPES, choose
+
+    torch.set_num_threads(threads)
+    xtr, ytr = load_split("train", 32)
+    xte, yte = load_split("test", 32)
+    choice = choose([(28, 28)] * 20, 1)
+    for n in steps:
+        started = time.perf_counter()
+        model, _ = train(xtr, choice.model_config(), RECIPES[choice.recipe], steps=n, log_every=0)
+        train_s = time.perf_counter() - started
+        model.eval()
+        with torch.no_grad():
+            p10 = precision_at_k(model.embed(xte), yte, model.embed(xtr), ytr)
+        epochs = n * RECIPES[choice.recipe].batch_size / len(xtr)
+        print(
+            f"RESULT {choice.recipe} {n} steps ({epochs:.1f} epochs) in {train_s:.0f} s -> P@10 {p10:.4f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
