@@ -308,8 +308,11 @@ def _find_rows(folders: list[str], base: str, shown: str) -> pa.Table | None:
     what is wrong."""
     n = max(1, min(os.cpu_count() or 1, LIST_PROCESSES, len(folders)))
     shares = [folders[i::n] for i in range(n)]
-    with tempfile.TemporaryDirectory(prefix="imgsim-list-") as tmp, ThreadPoolExecutor(n) as pool:
-        found = list(pool.map(lambda i: _find_share(shares[i], f"{tmp}/{i}"), range(n)))
+    try:  # find's output goes to a temporary folder: one that cannot be made is find failing too
+        with tempfile.TemporaryDirectory(prefix="imgsim-list-") as tmp, ThreadPoolExecutor(n) as pool:
+            found = list(pool.map(lambda i: _find_share(shares[i], f"{tmp}/{i}"), range(n)))
+    except OSError:
+        return None
     if any(part is None for part in found):
         return None
     paths, sizes, mtimes = (pa.chunked_array([part[k] for part in found]) for k in range(3))  # type: ignore[index]

@@ -87,6 +87,13 @@ def test_find_and_pyarrow_list_the_same_rows(tree: Path, monkeypatch: pytest.Mon
     by_find = sources.list_table(str(tree))
     assert calls and all(c[0] == "find" for c in calls)
     assert len(calls) == min(os.cpu_count() or 1, sources.LIST_PROCESSES)  # one share each
+    monkeypatch.setattr(
+        sources.tempfile, "tempdir", str(tree / "no-such-folder")
+    )  # no room for find's output
+    calls.clear()
+    assert sources.list_table(str(tree)).equals(by_find) and not calls
+    monkeypatch.undo()
+    monkeypatch.setattr(sources.subprocess, "run", spy)
     monkeypatch.setenv("PATH", str(tree / "cats"))  # no find there
     calls.clear()
     by_pyarrow = sources.list_table(str(tree))
