@@ -287,9 +287,9 @@ def append_rows(
         part = sink.getvalue()
         new_meta, new_end = _footer(memoryview(part), part.size)
         footer = merged_footer(old_meta, new_meta, old_end - len(MAGIC))
+        expected = _field(old_meta, _FILE_NUM_ROWS)[2]  # type: ignore[index]  (merged: old + new rows)
     except (_Unsupported, IndexError, KeyError, ValueError, OSError, pa.ArrowException, struct.error):
         return False
-    expected = pq.ParquetFile(old).metadata.num_rows + count
     shutil.copyfile(old, target)  # copy_file_range / sendfile: no pass through Python
     with open(target, "r+b") as f:
         f.truncate(old_end)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from imgsim.rows import (
 from imgsim.runs import RunPaths
 from pipelines.embed import StageTimes, embed_images, embed_in_process
 from pipelines.ingest import list_inputs_table
-from pipelines.runtime import ensure_ray, gpu_or_cpu
+from pipelines.runtime import ensure_ray, gpu_or_cpu, initialised_ray
 
 STAGING_ROWS = 4096  # rows per staged part file
 READ_ROWS = 65_536  # rows per batch read back from the staged parts and the previous index
@@ -257,8 +256,8 @@ def _in_process(images: int, use_gpu: bool) -> bool:
     cluster: RAY_ADDRESS, or a Ray already connected to more than one node)."""
     if use_gpu or images > DEFAULTS.index.in_process_max or os.environ.get("RAY_ADDRESS"):
         return False
-    ray = sys.modules.get("ray")  # not imported: not initialised either
-    return ray is None or not ray.is_initialized() or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
+    ray = initialised_ray()
+    return ray is None or sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
 
 
 def _embed_into_staging(
@@ -504,7 +503,11 @@ def _write(
     fit_s = time.perf_counter() - t0
     sizes = np.zeros(len(clusterer.centroids_), np.int64)
 
+    def count(clusters: pa.ChunkedArray | pa.Array) -> None:
+        sizes[:] += np.bincount(np.asarray(clusters), minlength=len(sizes))[: len(sizes)]
+
     def with_labels(tables: Iterator[pa.Table], labels: np.ndarray) -> Iterator[pa.Table]:
+        """Index rows from rows without a cluster: `labels` in order, as the cluster column."""
         at = 0
         for t in tables:
             t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
@@ -519,20 +522,19 @@ def _write(
         if update and n_kept and keep.all():
             new_rows = list(with_labels(new_good(without_cluster), labels_new))
             if append_rows(paths.embeddings, new_rows, target, use_dictionary=EMBEDDINGS_DICTIONARY):
-                clusters = pq.read_table(target, columns=["cluster"])["cluster"]
-                sizes[:] = np.bincount(np.asarray(clusters), minlength=len(sizes))[: len(sizes)]
+                count(pq.read_table(target, columns=["cluster"])["cluster"])
                 return
         previous_labels = None if update else clusterer.labels_[:n_kept]  # None: keep the stored ones
         writer = schema = None
         try:
             for source, labels in ((previous_batches, previous_labels), (new_good, labels_new)):
-                at = 0
-                for t in source(without_cluster if labels is not None else [*INDEX_COLUMNS, "embedding"]):
-                    if labels is not None:
-                        t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
-                        at += t.num_rows
-                    t = t.select([*INDEX_COLUMNS, "embedding"])
-                    sizes[:] += np.bincount(np.asarray(t["cluster"]), minlength=len(sizes))[: len(sizes)]
+                tables = (
+                    source([*INDEX_COLUMNS, "embedding"])
+                    if labels is None
+                    else with_labels(source(without_cluster), labels)
+                )
+                for t in tables:
+                    count(t["cluster"])
                     if writer is None:
                         schema = t.schema
                         writer = pq.ParquetWriter(target, schema, use_dictionary=EMBEDDINGS_DICTIONARY)
