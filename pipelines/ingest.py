@@ -41,6 +41,7 @@ from imgsim.sources import (
     list_table,
     read_bytes,
 )
+from pipelines.runtime import ensure_ray, initialised_ray
 
 if TYPE_CHECKING:  # Ray is imported where a job is built: embedding in this process never needs it
     import ray
@@ -274,8 +275,8 @@ def read_batch_size(n_images: int) -> int:
     well under a millisecond, so larger tasks were much faster (docs/scaling.md, "Figures behind
     decisions"). Four tasks per CPU keep every core busy to the end.
     """
-    ray = sys.modules.get("ray")  # not imported: not initialised either
-    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray is not None and ray.is_initialized() else 1
+    ray = initialised_ray()
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray is not None else 1
     return int(min(MAX_READ_BATCH, max(READ_BATCH, n_images // (4 * max(cpus, 1)))))
 
 
@@ -389,7 +390,6 @@ def check_images(
     """Decode everything under `data` once, as indexing would; report what is usable and what is
     skipped (`skipped_inputs`: sorted (path, reason) pairs; also written to `skipped_out` as JSON lines)."""
     from imgsim.atomic import atomic_write_bytes
-    from pipelines.runtime import ensure_ray
 
     refs = list_inputs(data)
     channels = channels or detect_channels(refs)

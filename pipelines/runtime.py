@@ -30,6 +30,8 @@ for the first tasks and actors, which delayed an embedding job's first batch by 
 from __future__ import annotations
 
 import os
+import sys
+from types import ModuleType
 
 from imgsim import console
 from imgsim.progress import log, seconds, stage
@@ -55,6 +57,13 @@ def starts_local_ray(address: str | None = None) -> bool:
         return canonicalize_bootstrap_address(address) is None
     except Exception:  # an address Ray cannot parse or reach (ray.init will say so), or a newer Ray
         return False
+
+
+def initialised_ray() -> ModuleType | None:
+    """The `ray` module where Ray is initialised in this process, else None, without importing Ray
+    (not imported means not initialised either)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
 
 
 def ensure_ray(**kwargs) -> None:
