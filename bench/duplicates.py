@@ -236,6 +236,8 @@ def photos_part(
         "train_s": train_s,
         "index_s": index["_wall_s"],
         "duplicates_s": summary["_wall_s"],
+        "stage_seconds": summary.get("stage_seconds"),
+        "verification": summary.get("verification"),
         "model": str(model) if model else f"imgsim train defaults{f', --epochs {epochs}' if epochs else ''}",
     }
 

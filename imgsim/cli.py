@@ -487,6 +487,14 @@ def duplicates_arguments(p: argparse.ArgumentParser) -> None:
         "--full", action="store_true", help="search every image, not only those new since the last run"
     )
     p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="decide by the embedding's threshold alone: no geometric check of candidate pairs (by "
+        "default, pairs of images of 64 px or more are checked with local features that must agree on "
+        "one crop/scale/rotation/mirror, out to the calibration's candidate_radius)",
+    )
+    p.add_argument(
         "--html-groups", type=positive_int, default=d.html_groups, help="groups drawn in duplicates.html"
     )
     _json(p, "print the summary as one JSON object")
@@ -501,6 +509,7 @@ def run_duplicates(args: argparse.Namespace) -> int:
         precision=args.precision,
         out=args.out,
         full=args.full,
+        verify=args.verify,
         recalibrate=args.recalibrate,
         copies=args.copies,
         seed=args.seed,

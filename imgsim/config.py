@@ -92,6 +92,12 @@ class DuplicatesConfig:
     # Neighbours kept per image by the range search: a cap on the work in a region so dense that
     # the threshold takes in hundreds of images (they could not form one duplicate group anyway).
     max_neighbours: int = 64
+    # Geometric verification (imgsim.verify) of candidate pairs of images large enough to have
+    # keypoints: candidates reach out to the distance that holds this share of the calibration's
+    # `mix` copies (every edit at once), among each image's `verify_neighbours` nearest.
+    verify: bool = True
+    candidate_recall: float = 0.99
+    verify_neighbours: int = 10
     max_matches: int = 100  # matches returned for one query (`query --duplicates`, POST /duplicates)
     html_groups: int = 500  # groups drawn in duplicates.html (all of them are in the JSONL and CSV)
 

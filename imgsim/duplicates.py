@@ -48,9 +48,9 @@ if TYPE_CHECKING:
 
 #: Slack on "within the threshold" for float rounding (the same as the index's range search).
 TOLERANCE = 1e-6
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: pairs carry their verification status
 #: Bumped whenever `imgsim.copies.calibrate_threshold` changes: a stored threshold of another version is redone.
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 # -- groups ------------------------------------------------------------------------------------------
@@ -122,17 +122,33 @@ def near_pairs(
     threshold: float,
     max_neighbours: int = DEFAULTS.duplicates.max_neighbours,
     nprobe: int | None = None,
+    *,
+    radius: float | None = None,
+    nearest_beyond: int = DEFAULTS.duplicates.verify_neighbours,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, distance) node pairs with a < b within `threshold`, found by range search from each of
-    `search_nodes` (its first row's embedding); a node's byte-identical rows are not its pairs."""
+    `search_nodes` (its first row's embedding); a node's byte-identical rows are not its pairs.
+
+    With a `radius` beyond `threshold` (candidates for verification), pairs between the two are
+    kept too, but only among each node's `nearest_beyond` nearest results."""
     if len(search_nodes) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     queries = emb[first_row[search_nodes]]
-    lims, dist, ids = index.range_search(queries, threshold, nprobe=nprobe, max_results=max_neighbours + 1)
-    a = np.repeat(search_nodes, np.diff(lims))
+    reach = threshold if radius is None else max(radius, threshold)
+    lims, dist, ids = index.range_search(queries, reach, nprobe=nprobe, max_results=max_neighbours + 1)
+    counts = np.diff(lims)
+    a = np.repeat(search_nodes, counts)
     b = node_of_row[ids]
     other = a != b
+    if reach > threshold:
+        rank = np.arange(len(ids)) - np.repeat(lims[:-1], counts)  # 0 is the node itself, when found
+        other &= (dist <= threshold + TOLERANCE) | (rank <= nearest_beyond)
     return unique_pairs(a[other], b[other], dist[other])
+
+
+def pair_code(x: int, y: int) -> int:
+    """One int for the unordered node pair {x, y}."""
+    return (min(x, y) << 32) | max(x, y)
 
 
 def unique_pairs(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,15 +170,24 @@ def complete_linkage(
     vectors: np.ndarray,
     metric: str,
     threshold: float,
+    *,
+    verified: set[int] | None = None,
+    rejected: set[int] | None = None,
 ) -> list[list[int]]:
     """Groups (lists of nodes, 2 or more) by complete linkage over the pairs (a, b, d), nearest first.
 
     Two groups merge only if every pair across them is within `threshold`: a lone pair by its own
     distance, larger groups by their members' `vectors` (in the index's metric space).
+
+    With geometric verification (`verified` and `rejected`: sets of `pair_code`s), a pair counts as
+    linked when it was verified, whatever its distance, or when it is within `threshold` and was not
+    rejected; (a, b, d) are then the linked pairs.
     """
     parent = list(range(n_nodes))
     members: dict[int, list[int]] = {}
     limit = threshold + TOLERANCE
+    judged = verified is not None
+    verified, rejected = verified or set(), rejected or set()
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -170,16 +195,27 @@ def complete_linkage(
             x = parent[x]
         return x
 
-    def within(xs: list[int], ys: list[int]) -> bool:
+    def distances(xs: list[int], ys: list[int]) -> np.ndarray:
         u, v = vectors[xs], vectors[ys]
         if metric == "cosine":
-            return float(1.0 - (u @ v.T).min()) <= limit
+            return 1.0 - (u @ v.T)
         sq = (u * u).sum(1)[:, None] + (v * v).sum(1)[None, :] - 2.0 * (u @ v.T)
-        return float(np.sqrt(max(float(sq.max()), 0.0))) <= limit
+        return np.sqrt(np.maximum(sq, 0.0))
+
+    def within(xs: list[int], ys: list[int]) -> bool:
+        near = distances(xs, ys) <= limit
+        if not judged:
+            return bool(near.all())
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                code = pair_code(x, y)
+                if code not in verified and not (near[i, j] and code not in rejected):
+                    return False
+        return True
 
     order = np.argsort(d, kind="stable")
     for x, y, dist in zip(a[order].tolist(), b[order].tolist(), d[order].tolist(), strict=True):
-        if dist > limit:
+        if dist > limit and not judged:
             break
         rx, ry = find(x), find(y)
         if rx == ry:
@@ -231,6 +267,16 @@ class Collection:
     pixels: np.ndarray | None = None
     sizes: np.ndarray | None = None
     mtimes: np.ndarray | None = None
+    shorter_sides: np.ndarray | None = None
+
+    def verifiable(self, rows: np.ndarray) -> np.ndarray:
+        """Which of `rows` are large enough for geometric verification (`imgsim.verify.MIN_SIDE`);
+        none when the index has no image sizes."""
+        from imgsim.verify import MIN_SIDE
+
+        if self.shorter_sides is None:
+            return np.zeros(len(rows), bool)
+        return self.shorter_sides[rows] >= MIN_SIDE
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -252,6 +298,7 @@ class Collection:
             paths=table["path"].to_pylist(),
             hashes=table["content_hash"].to_pylist() if "content_hash" in names else None,
             pixels=width * height if width is not None and height is not None else None,
+            shorter_sides=np.minimum(width, height) if width is not None and height is not None else None,
             sizes=ints("size"),
             mtimes=ints("mtime"),
         )
@@ -336,6 +383,23 @@ def group_embeddings(
     return out
 
 
+def verify_node_pairs(
+    collection: Collection, first_row: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> np.ndarray:
+    """`imgsim.verify`'s status of each node pair (`a[i]`, `b[i]`), from their first rows' files."""
+    from imgsim.progress import log
+    from imgsim.sources import read_bytes
+    from imgsim.verify import VERIFIED, verify_pairs
+
+    started = time.perf_counter()
+    status, _ = verify_pairs(collection.paths, first_row[a], first_row[b], read_bytes)
+    log(
+        f"[duplicates] verified {len(a):,} candidate pairs in {time.perf_counter() - started:.1f} s: "
+        f"{int((status == VERIFIED).sum()):,} hold one geometry"
+    )
+    return status
+
+
 # -- the threshold -------------------------------------------------------------------------------------
 def load_calibration(
     run: str | os.PathLike[str], model_fingerprint: str, precision: float | None = None
@@ -375,6 +439,7 @@ def calibrate(
     )  # fmt: skip
     result = {
         **calibrate_threshold(scores, precision),
+        "candidate_radius": candidate_radius(scores),
         "copies": int(len(originals)),
         "seed": seed,
         "version": CALIBRATION_VERSION,
@@ -390,6 +455,16 @@ def calibrate(
         f"{time.perf_counter() - started:.1f} s: threshold {result['threshold']} for precision {precision}"
     )
     return result
+
+
+def candidate_radius(scores: Any, recall: float = DEFAULTS.duplicates.candidate_recall) -> float | None:
+    """The distance from their originals that holds `recall` of the `mix` copies (every trained edit
+    at once, the hardest): how far candidates for geometric verification reach. None without copies."""
+    mix = scores.of_edits(["mix"]).copy_distance
+    mix = mix[np.isfinite(mix)]
+    if len(mix) == 0:
+        return None
+    return round(float(np.quantile(mix.astype(np.float64), recall, method="higher")), 6)
 
 
 def stored_or_calibrated(
@@ -418,13 +493,15 @@ def stored_or_calibrated(
 # -- incremental state ---------------------------------------------------------------------------------
 @dataclass
 class PairState:
-    """The pairs found by the last run (by node key) and the node keys it searched."""
+    """The pairs found by the last run (by node key), each with its verification status
+    (`imgsim.verify`: verified, rejected or unverifiable), and the node keys it searched."""
 
     settings: dict[str, Any]
     key_a: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     key_b: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     distance: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     searched: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    status: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
 
     @classmethod
     def read(cls, run: str | os.PathLike[str]) -> PairState | None:
@@ -441,23 +518,34 @@ class PairState:
             pairs["key_b"].combine_chunks(),
             pairs["distance"].to_numpy().astype(np.float32),
             searched["key"].combine_chunks(),
+            pairs["status"].to_numpy().astype(np.int8),
         )
 
     def write(self, run: str | os.PathLike[str]) -> None:
         pairs = pa.table(
-            {"key_a": self.key_a, "key_b": self.key_b, "distance": pa.array(self.distance, pa.float32())}
+            {
+                "key_a": self.key_a,
+                "key_b": self.key_b,
+                "distance": pa.array(self.distance, pa.float32()),
+                "status": pa.array(self.status, pa.int8()),
+            }
         )
         with writing_dir(RunPaths(run).duplicates_state) as tmp:
             pq.write_table(pairs, tmp / "pairs.parquet")
             pq.write_table(pa.table({"key": self.searched}), tmp / "searched.parquet")
             (tmp / "state.json").write_text(json.dumps(self.settings, indent=2) + "\n")
 
-    def usable(self, settings: dict[str, Any], threshold: float) -> bool:
-        """Pairs found under these settings at a radius of at least `threshold`."""
-        same = {k: v for k, v in self.settings.items() if k != "radius"} == {
-            k: v for k, v in settings.items() if k != "radius"
+    def usable(self, settings: dict[str, Any], radius: float) -> bool:
+        """Pairs found under these settings, at a threshold and a radius at least these."""
+        reach = ("radius", "threshold")
+        same = {k: v for k, v in self.settings.items() if k not in reach} == {
+            k: v for k, v in settings.items() if k not in reach
         }
-        return same and threshold <= float(self.settings.get("radius", -1.0)) + TOLERANCE
+        return (
+            same
+            and radius <= float(self.settings.get("radius", -1.0)) + TOLERANCE
+            and settings["threshold"] <= float(self.settings.get("threshold", -1.0)) + TOLERANCE
+        )
 
 
 # -- the whole run -------------------------------------------------------------------------------------
@@ -474,6 +562,7 @@ class DuplicateReport:
     reused_pairs: int
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The `imgsim duplicates --json` object."""
@@ -487,6 +576,7 @@ class DuplicateReport:
             "images": self.images,
             "searched": self.searched,
             "reused_pairs": self.reused_pairs,
+            "verification": self.verification,
             "seconds": round(self.seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
         }
@@ -504,11 +594,13 @@ def find_duplicates(
     max_neighbours: int = DEFAULTS.duplicates.max_neighbours,
     runner: ChunkRunner | None = None,
     searcher: Searcher | None = None,
+    verify: bool = DEFAULTS.duplicates.verify,
 ) -> DuplicateReport:
     """Exact and near-duplicate groups over RUN's index (module docstring); updates the stored state.
 
     `runner` runs the calibration's copy chunks (default in-process; `pipelines.duplicates` passes Ray
-    tasks). `full` ignores the stored pairs and searches every image.
+    tasks). `full` ignores the stored pairs and searches every image. `verify`: check candidate pairs
+    of images large enough geometrically (`imgsim.verify`).
     """
     from imgsim.search import Searcher
 
@@ -535,44 +627,84 @@ def find_duplicates(
     node_of_row, first_row = nodes_of(keys, len(collection))
     node_key = pa.array(keys[first_row].tolist(), pa.string())
     index = searcher.index
+    # images large enough for keypoints are verified, so their candidates reach further
+    checkable = collection.verifiable(first_row) if verify else np.zeros(len(first_row), bool)
+    radius = float(threshold)
+    if checkable.any() and calibration is None:  # --threshold: a stored calibration's radius, if any
+        calibration_radius = (load_calibration(run, searcher.model.fingerprint) or {}).get("candidate_radius")
+    else:
+        calibration_radius = (calibration or {}).get("candidate_radius")
+    if checkable.any() and calibration_radius is not None:
+        radius = max(radius, float(calibration_radius))
+    from imgsim import verify as verification
+
     settings = {
         "version": STATE_VERSION,
         "model_fingerprint": searcher.model.fingerprint,
         "metric": index.metric,
         "max_neighbours": max_neighbours,
-        "radius": float(threshold),
+        "verify": verification.settings() if verify else None,
+        "verify_neighbours": DEFAULTS.duplicates.verify_neighbours,
+        "threshold": float(threshold),
+        "radius": radius,
     }
     previous = None if full else PairState.read(run)
     reused_a = reused_b = np.zeros(0, np.int64)
     reused_d = np.zeros(0, np.float32)
+    reused_s = np.zeros(0, np.int8)
     to_search = np.arange(len(first_row), dtype=np.int64)
-    if previous is not None and previous.usable(settings, threshold):
+    if previous is not None and previous.usable(settings, radius):
         known = pc.is_in(node_key, value_set=previous.searched).to_numpy(zero_copy_only=False)
         to_search = np.flatnonzero(~known).astype(np.int64)
         a = pc.index_in(previous.key_a, value_set=node_key)
         b = pc.index_in(previous.key_b, value_set=node_key)
         keep = (pc.is_valid(a).to_numpy(zero_copy_only=False) & pc.is_valid(b).to_numpy(zero_copy_only=False)
-                & (previous.distance <= threshold + TOLERANCE))  # fmt: skip
+                & (previous.distance <= radius + TOLERANCE))  # fmt: skip
         reused_a = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
         reused_b = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
         reused_d = previous.distance[keep]
-    new_a, new_b, new_d = near_pairs(
-        index, collection.emb, to_search, node_of_row, first_row, threshold, max_neighbours
-    )
-    a, b, d = unique_pairs(
-        np.concatenate([reused_a, new_a]),
-        np.concatenate([reused_b, new_b]),
-        np.concatenate([reused_d, new_d]),
-    )
+        reused_s = previous.status[keep]
+    wide = to_search[checkable[to_search]]
+    found = [
+        near_pairs(index, collection.emb, to_search[~checkable[to_search]], node_of_row, first_row, threshold,
+                   max_neighbours),
+        near_pairs(index, collection.emb, wide, node_of_row, first_row, threshold, max_neighbours, radius=radius),
+    ]  # fmt: skip
+    new_a, new_b, new_d = unique_pairs(*(np.concatenate(part) for part in zip(*found, strict=True)))
+    if len(reused_a):  # a pair already judged keeps its status (found again from a new node's side)
+        known_pairs = set(((reused_a << 32) | reused_b).tolist())
+        fresh = np.array([code not in known_pairs for code in ((new_a << 32) | new_b).tolist()], bool)
+        new_a, new_b, new_d = new_a[fresh], new_b[fresh], new_d[fresh]
     stages["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    new_s = np.full(len(new_a), verification.UNVERIFIABLE, np.int8)
+    judge = checkable[new_a] & checkable[new_b]
+    if judge.any():
+        new_s[judge] = verify_node_pairs(collection, first_row, new_a[judge], new_b[judge])
+    stages["verify"] = time.perf_counter() - t0
+    a = np.concatenate([reused_a, new_a])
+    b = np.concatenate([reused_b, new_b])
+    d = np.concatenate([reused_d, new_d]).astype(np.float32)
+    status = np.concatenate([reused_s, new_s]).astype(np.int8)
+
+    t0 = time.perf_counter()
     vectors = metric_space(collection.emb[first_row], index.metric)
-    node_groups = complete_linkage(len(first_row), a, b, d, vectors, index.metric, threshold)
+    linked = (status == verification.VERIFIED) | (
+        (status == verification.UNVERIFIABLE) & (d <= threshold + TOLERANCE)
+    )
+    codes = (a << 32) | b
+    node_groups = complete_linkage(
+        len(first_row), a[linked], b[linked], d[linked], vectors, index.metric, threshold,
+        verified=set(codes[status == verification.VERIFIED].tolist()),
+        rejected=set(codes[status == verification.REJECTED].tolist()),
+    )  # fmt: skip
     groups = build_groups(collection, node_groups, node_of_row, first_row, index.metric)
     stages["group"] = time.perf_counter() - t0
 
-    PairState(settings, node_key.take(pa.array(a)), node_key.take(pa.array(b)), d, node_key).write(run)
+    PairState(settings, node_key.take(pa.array(a)), node_key.take(pa.array(b)), d, node_key, status).write(
+        run
+    )
     return DuplicateReport(
         groups=groups,
         threshold=float(threshold),
@@ -583,6 +715,14 @@ def find_duplicates(
         reused_pairs=int(len(reused_a)),
         seconds=time.perf_counter() - started,
         stage_seconds=stages,
+        verification={
+            "verified": int((status == verification.VERIFIED).sum()),
+            "rejected": int((status == verification.REJECTED).sum()),
+            "unverifiable": int((status == verification.UNVERIFIABLE).sum()),
+            "checked_now": int(judge.sum()),
+            "radius": radius,
+            **(verification.settings() if verify else {"version": None}),
+        },
     )
 
 
@@ -593,12 +733,40 @@ def matches_of(
     content_hash: str | None,
     threshold: float,
     max_matches: int = DEFAULTS.duplicates.max_matches,
+    *,
+    data: bytes | None = None,
+    radius: float | None = None,
 ) -> list[dict[str, Any]]:
     """Indexed images within `threshold` of one query embedding, nearest first (byte-identical files
-    first of all), as `{"id", "path", "distance", "exact"}`."""
-    lims, dist, ids = searcher.index.range_search(emb[None], threshold, max_results=max_matches)
+    first of all), as `{"id", "path", "distance", "exact"}`.
+
+    With the query's bytes (`data`) and a candidate `radius` beyond the threshold, candidates are
+    verified geometrically as `imgsim duplicates` does (`imgsim.verify`): a verified one is a match
+    out to `radius` (among the `verify_neighbours` nearest), a rejected one is not a match, and an
+    unverifiable one (a small or flat image) is a match within `threshold`."""
+    from imgsim import verify
+
+    judged = data is not None and radius is not None and radius > threshold
+    reach = max(threshold, radius) if judged else threshold
+    wanted = max(max_matches, DEFAULTS.duplicates.verify_neighbours) if judged else max_matches
+    lims, dist, ids = searcher.index.range_search(emb[None], reach, max_results=wanted)
     exact_ids = set(searcher.rows_with_hash(content_hash)) if content_hash else set()
     found = {int(i): float(x) for i, x in zip(ids.tolist(), dist.tolist(), strict=True)}
+    if judged:
+        assert data is not None
+        ranked_ids = [i for i in ids.tolist() if i not in exact_ids]
+        candidates = [
+            i for rank, i in enumerate(ranked_ids) if found[i] <= threshold + TOLERANCE
+            or rank < DEFAULTS.duplicates.verify_neighbours
+        ]  # fmt: skip
+        from imgsim.sources import read_bytes
+
+        status = verify.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
+        linked = {
+            i for i, s in zip(candidates, status.tolist(), strict=True)
+            if s == verify.VERIFIED or (s == verify.UNVERIFIABLE and found[i] <= threshold + TOLERANCE)
+        }  # fmt: skip
+        found = {i: x for i, x in found.items() if i in linked or i in exact_ids}
     for i in exact_ids:
         found.setdefault(i, 0.0)
     ranked = sorted(found.items(), key=lambda item: (item[0] not in exact_ids, item[1], item[0]))[

@@ -88,6 +88,7 @@ class Searcher:
         self.run = Path(run) if run is not None else None
         self._hash_lookup: tuple[np.ndarray, np.ndarray] | None = None
         self._threshold: tuple[float, str] | None = None
+        self._candidate_radius: float | None = None  # how far duplicate candidates reach (verification)
         self._threshold_lock = threading.Lock()
 
     @classmethod
@@ -215,7 +216,7 @@ class Searcher:
             data = self.query_bytes(x)
         image = self.to_image(data if data is not None else x)
         answer = self.duplicates_of_preprocessed(
-            image, hash_of_bytes(data) if data else None, threshold, max_matches
+            image, hash_of_bytes(data) if data else None, threshold, max_matches, data=data
         )
         return {"query": _describe(x), **answer}
 
@@ -225,12 +226,22 @@ class Searcher:
         content_hash: str | None = None,
         threshold: float | None = None,
         max_matches: int = DEFAULTS.duplicates.max_matches,
+        *,
+        data: bytes | None = None,
     ) -> dict[str, Any]:
-        """`duplicates_of` for a preprocessed uint8 (C, S, S) image and its file's content hash."""
+        """`duplicates_of` for a preprocessed uint8 (C, S, S) image and its file's content hash. With the
+        file's bytes (`data`), candidates are verified geometrically as `imgsim duplicates` does
+        (`imgsim.duplicates.matches_of`); the threshold's calibration says how far candidates reach."""
         from imgsim.duplicates import matches_of
 
-        t, source = (float(threshold), "given") if threshold is not None else self.duplicate_threshold()
-        matches = matches_of(self, self.embed(image[None])[0], content_hash, t, max_matches)
+        if threshold is not None:
+            t, source, radius = float(threshold), "given", None
+        else:
+            t, source = self.duplicate_threshold()
+            radius = self._candidate_radius if DEFAULTS.duplicates.verify else None
+        matches = matches_of(
+            self, self.embed(image[None])[0], content_hash, t, max_matches, data=data, radius=radius
+        )
         return {"duplicate": bool(matches), "threshold": t, "threshold_source": source, "matches": matches}
 
     def duplicate_threshold(self) -> tuple[float, str]:
@@ -242,8 +253,10 @@ class Searcher:
 
                 if self.run is None:
                     raise RunNotFound("this Searcher has no run directory to calibrate in: pass threshold=")
-                t, source, _ = stored_or_calibrated(self.run, self)
+                t, source, calibration = stored_or_calibrated(self.run, self)
                 self._threshold = (t, source)
+                radius = calibration.get("candidate_radius")
+                self._candidate_radius = None if radius is None else float(radius)
             return self._threshold
 
     def rows_with_hash(self, content_hash: str) -> list[int]:

@@ -31,6 +31,7 @@ def duplicates(
     precision: float = DEFAULTS.duplicates.precision,
     out: str | os.PathLike[str] | None = None,
     full: bool = False,
+    verify: bool = DEFAULTS.duplicates.verify,
     recalibrate: bool = False,
     copies: int = DEFAULTS.duplicates.calibration_copies,
     seed: int = DEFAULTS.duplicates.seed,
@@ -43,7 +44,7 @@ def duplicates(
     runner = copy_runner(run, searcher, min(copies, len(searcher)) * len(TRAINED_EDITS), use_ray)
     report = find_duplicates(
         run, threshold=threshold, precision=precision, recalibrate=recalibrate, full=full, copies=copies,
-        seed=seed, runner=runner, searcher=searcher,
+        seed=seed, runner=runner, searcher=searcher, verify=verify,
     )  # fmt: skip
     summary = report.summary()
     files = write_reports(report.groups, summary, out or RunPaths(run).duplicates_dir, html_groups)

@@ -283,7 +283,9 @@ class ImgsimSearch:
         started = time.perf_counter()
         data, image, query, k = await self._read_query(request, default_k=DEFAULTS.duplicates.max_matches)
         digest = content_hash(data)
-        answer = await asyncio.to_thread(self.searcher.duplicates_of_preprocessed, image, digest, None, k)
+        answer = await asyncio.to_thread(
+            self.searcher.duplicates_of_preprocessed, image, digest, None, k, data=data
+        )
         took_ms = (time.perf_counter() - started) * 1000.0
         return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
 

@@ -1,0 +1,178 @@
+"""Geometric verification of duplicate candidates (`imgsim.verify`) on real image files.
+
+The images: a procedurally drawn "photo" (hundreds of random shapes, lines and noise, in colour), cut
+into non-overlapping tiles. A tile's edited copies (crop + rescale, greyscale, mirror, JPEG) show the
+same points moved by one transform; its neighbouring tiles look alike (same colours, same kind of
+shapes) but show other points.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageOps
+from toy_models import mirror_invariant_model, save_model
+
+from imgsim import verify
+from imgsim.duplicates import find_duplicates
+
+TILE = 256
+
+
+def drawing(seed: int, side: int = 3 * TILE) -> Image.Image:
+    """A textured colour image: random rectangles, ellipses and lines over noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (side // 8, side // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((side, side), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(900):
+        x, y = rng.integers(0, side, 2)
+        w, h = rng.integers(4, 40, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.rectangle((x, y, x + w, y + h), fill=colour)
+        elif kind == 1:
+            draw.ellipse((x, y, x + w, y + h), outline=colour, width=2)
+        else:
+            draw.line((x, y, x + rng.integers(-60, 60), y + rng.integers(-60, 60)), fill=colour, width=2)
+    return img
+
+
+def tiles(seed: int) -> list[Image.Image]:
+    img = drawing(seed)
+    return [
+        img.crop((x, y, x + TILE, y + TILE))
+        for y in range(0, img.height, TILE)
+        for x in range(0, img.width, TILE)
+    ]
+
+
+def edited(tile: Image.Image) -> Image.Image:
+    """Crop to 85 %, rescale to 300 px, greyscale, mirror (the edits of a `mix` copy at once)."""
+    m = round(TILE * 0.075)
+    return ImageOps.mirror(tile.crop((m, m + 3, TILE - m, TILE - m + 3)).resize((300, 300)).convert("L"))
+
+
+def jpeg(img: Image.Image, quality: int = 40) -> bytes:
+    out = io.BytesIO()
+    img.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def status_of(a: bytes, b: bytes) -> int:
+    fa, fb = verify.features_of(a), verify.features_of(b)
+    if fa is None or fb is None:
+        return verify.UNVERIFIABLE
+    return verify.judge(fa, fb)[0]
+
+
+def test_an_edited_copy_is_verified_and_a_neighbouring_tile_is_rejected() -> None:
+    pieces = tiles(0)
+    original = jpeg(pieces[4], 90)
+    assert status_of(original, jpeg(edited(pieces[4]))) == verify.VERIFIED
+    assert (
+        status_of(original, jpeg(pieces[4].rotate(7, resample=Image.Resampling.BILINEAR), 60))
+        == verify.VERIFIED
+    )
+    for other in (pieces[1], pieces[3], pieces[5], tiles(1)[4]):
+        assert status_of(original, jpeg(other, 90)) == verify.REJECTED
+
+
+def test_small_or_flat_images_are_unverifiable_not_rejected() -> None:
+    small = jpeg(tiles(0)[0].resize((48, 48)))
+    assert verify.features_of(small) is None
+    # two different soft gradients: few keypoints, so no match proves nothing either way
+    yy, xx = np.mgrid[0:200, 0:200]
+    a = Image.fromarray((xx * 0.6 + yy * 0.2).astype(np.uint8))
+    b = Image.fromarray((255 - xx * 0.3 - yy * 0.5).astype(np.uint8))
+    assert status_of(jpeg(a, 30), jpeg(b, 30)) == verify.UNVERIFIABLE
+    assert verify.features_of(b"not an image") is None
+
+
+def test_verify_pairs_reads_each_image_and_keeps_the_order(tmp_path: Path) -> None:
+    pieces = tiles(2)
+    paths = []
+    for name, data in (("a.jpg", jpeg(pieces[0], 90)), ("a-copy.jpg", jpeg(edited(pieces[0]))),
+                       ("b.jpg", jpeg(pieces[1], 90)), ("missing.jpg", None)):  # fmt: skip
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    reads: list[str] = []
+
+    def read(path: str) -> bytes:
+        reads.append(path)
+        return Path(path).read_bytes()
+
+    a, b = np.array([0, 0, 1, 0]), np.array([1, 2, 2, 3])
+    status, inliers = verify.verify_pairs(paths, a, b, read)
+    assert status.tolist() == [verify.VERIFIED, verify.REJECTED, verify.REJECTED, verify.UNVERIFIABLE]
+    assert inliers[0] >= verify.MIN_INLIERS > inliers[1]
+    assert sorted(reads) == sorted(paths)  # each image read once
+
+
+@pytest.fixture(scope="module")
+def tile_run(
+    tmp_path_factory: pytest.TempPathFactory, ray_session: None
+) -> tuple[Path, Path, dict[str, str]]:
+    """Nine tiles of one drawing, three with an edited copy, indexed with a toy encoder: (data, run,
+    {copy: original})."""
+    from pipelines.build_index import build_index
+
+    base = tmp_path_factory.mktemp("verify")
+    data = base / "data"
+    data.mkdir()
+    copies = {}
+    for i, tile in enumerate(tiles(3)):
+        (data / f"t{i}.jpg").write_bytes(jpeg(tile, 92))
+        if i in (0, 4, 8):
+            (data / f"t{i}-copy.jpg").write_bytes(jpeg(edited(tile)))
+            copies[str(data / f"t{i}-copy.jpg")] = str(data / f"t{i}.jpg")
+    run = save_model(mirror_invariant_model(image_size=32), base / "run")
+    build_index(str(data), str(run), clusters=2)
+    return data, run, copies
+
+
+def test_duplicates_keep_copies_and_drop_lookalike_tiles(tile_run: tuple[Path, Path, dict[str, str]]) -> None:
+    """At a threshold so loose that the embedding calls every tile a duplicate of its neighbours, the
+    geometric check leaves exactly the planted copies grouped; without it, neighbours are grouped."""
+    _, run, copies = tile_run
+    planted = {frozenset(pair) for pair in copies.items()}
+
+    def pairs(report) -> set[frozenset[str]]:  # noqa: ANN001
+        found = set()
+        for g in report.groups:
+            paths = [m.path for m in g.members]
+            found |= {frozenset((x, y)) for i, x in enumerate(paths) for y in paths[i + 1 :]}
+        return found
+
+    loose = find_duplicates(run, threshold=0.5, full=True, verify=False)
+    assert len(pairs(loose) - planted) > 0  # the embedding alone groups look-alike tiles
+    checked = find_duplicates(run, threshold=0.5, full=True)
+    assert pairs(checked) == planted
+    assert checked.verification["verified"] >= len(planted) and checked.verification["rejected"] > 0
+    # a rerun reuses the judged pairs instead of verifying them again
+    again = find_duplicates(run, threshold=0.5)
+    assert pairs(again) == planted and again.verification["checked_now"] == 0
+
+
+def test_one_image_against_the_collection_is_verified_too(
+    tile_run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    """`matches_of` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
+    loose radius only the tile the query was cut from (and its copy) match; without bytes, the
+    embedding's threshold alone decides."""
+    from imgsim.duplicates import matches_of
+    from imgsim.search import Searcher
+
+    data, run, _ = tile_run
+    searcher = Searcher.load(run)
+    query = jpeg(edited(Image.open(data / "t4.jpg")), 50)
+    emb = searcher.embed(searcher.to_image(query)[None])[0]
+    verified = matches_of(searcher, emb, None, 0.0, data=query, radius=0.5)
+    assert {Path(m["path"]).name for m in verified} == {"t4.jpg", "t4-copy.jpg"}
+    unverified = matches_of(searcher, emb, None, 0.5)
+    assert len(unverified) > 2
