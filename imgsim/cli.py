@@ -893,7 +893,10 @@ COMMANDS: tuple[Command, ...] = (
         "exact and near-duplicate groups over the indexed images",
         "Group the indexed images that are duplicates: byte-identical files (same content hash), then "
         "near-duplicates by range search on the KNN index within a distance threshold, by complete "
-        "linkage (every pair in a group is within the threshold: no chains of look-alikes). Each group "
+        "linkage (every pair in a group is linked: no chains of look-alikes). Images of 64 px or more "
+        "are also checked geometrically: candidates out to the calibration's candidate radius must share "
+        "one crop/scale/rotation/mirror of local features to be duplicates, and look-alikes that do not "
+        "are left out even within the threshold (--no-verify: the threshold alone). Each group "
         "suggests which image to keep (most pixels, then largest file, then oldest) and why. The "
         "threshold is calibrated from edited copies of indexed images for --precision unless "
         "--threshold is given, and stored in RUN. Reruns search only images added since. DIR gets "

@@ -8,9 +8,17 @@
 - **Near duplicates**: every node's neighbours within the threshold, by range search on the run's
   KNN index (`KnnIndex.range_search`, exact or IVF): memory and time follow the matches, never an
   N x N matrix. At most `max_neighbours` per node are kept (the nearest).
+- **Geometric verification** (`imgsim.verify`, on by default): for images of 64 px or more,
+  candidates reach out to the calibration's `candidate_radius` (where 99 % of its `mix` copies lie
+  from their originals), among each image's `verify_neighbours` nearest, and each candidate pair is
+  checked with local features that must agree on one crop/scale/rotation/mirror. A verified pair is
+  a duplicate at any such distance; a rejected one (both images textured, no common geometry) is not,
+  even within the threshold; an unverifiable one (a small or flat image) is one within the threshold,
+  as without verification. This is what separates an edited copy from the look-alike neighbours a
+  collection of similar photos is full of (README: pair precision 0.80 -> 0.97 at recall 0.16 -> 0.91).
 - **No chaining**: complete linkage. Pairs are taken nearest first, and two groups merge only if
-  every pair across them is within the threshold (checked on the embeddings), so A~B~C with A far
-  from C never becomes one group: every group's diameter is at most the threshold.
+  every pair across them is linked (verified, or within the threshold on the embeddings and not
+  rejected), so A~B~C with A far from C never becomes one group.
 - **Keep**: the member with the most pixels, then the largest file, then the oldest (mtime, ns), then
   the first path; `reason` names the rule that decided. Members' distances are to the kept image.
 - **Threshold**: `threshold=` overrides; by default it is calibrated from edited copies
