@@ -520,6 +520,8 @@ class PairState:
             searched = pq.read_table(d / "searched.parquet")
         except (OSError, ValueError, pa.ArrowException):
             return None
+        if settings.get("version") != STATE_VERSION or "status" not in pairs.column_names:
+            return None  # an older imgsim's state: search everything again
         return cls(
             settings,
             pairs["key_a"].combine_chunks(),

@@ -176,3 +176,33 @@ def test_one_image_against_the_collection_is_verified_too(
     assert {Path(m["path"]).name for m in verified} == {"t4.jpg", "t4-copy.jpg"}
     unverified = matches_of(searcher, emb, None, 0.5)
     assert len(unverified) > 2
+
+
+def test_an_incremental_run_verifies_only_the_new_pairs(
+    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipelines.build_index import build_index
+
+    data, run, _ = tile_run
+    work_data, work_run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data, work_data)
+    shutil.copytree(run, work_run)
+    build_index(str(work_data), str(work_run), clusters=2)
+    first = find_duplicates(work_run, threshold=0.5, full=True)
+    # a new copy of tile 2 (which had none): mirrored and cropped, then saved as PNG
+    new = work_data / "t2-new.png"
+    edited(Image.open(work_data / "t2.jpg")).save(new)
+    build_index(str(work_data), str(work_run), clusters=2)
+    second = find_duplicates(work_run, threshold=0.5)
+    assert second.searched == 1
+
+    def pairs_judged(report) -> int:  # noqa: ANN001
+        return sum(report.verification[k] for k in ("verified", "rejected", "unverifiable"))
+
+    # only the new image's pairs were verified; the others' verdicts were kept
+    assert 0 < second.verification["checked_now"] == pairs_judged(second) - pairs_judged(first)
+    groups = {m.path: {x.path for x in g.members} for g in second.groups for m in g.members}
+    assert groups[str(new)] == {str(new), str(work_data / "t2.jpg")}
+    assert len(second.groups) == len(first.groups) + 1
