@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -391,16 +391,32 @@ def group_embeddings(
     return out
 
 
+#: Verifies pairs of rows (`a[i]`, `b[i]`) of `paths`: their `imgsim.verify` statuses. `pipelines.duplicates`
+#: passes one that spreads many pairs over Ray tasks.
+PairVerifier = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
+
+
+def verify_here(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The in-process `PairVerifier` (images read with `imgsim.sources.read_bytes`, local or S3)."""
+    from imgsim.sources import read_bytes
+    from imgsim.verify import verify_pairs
+
+    return verify_pairs(paths, a, b, read_bytes)[0]
+
+
 def verify_node_pairs(
-    collection: Collection, first_row: np.ndarray, a: np.ndarray, b: np.ndarray
+    collection: Collection,
+    first_row: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    verifier: PairVerifier | None = None,
 ) -> np.ndarray:
     """`imgsim.verify`'s status of each node pair (`a[i]`, `b[i]`), from their first rows' files."""
     from imgsim.progress import log
-    from imgsim.sources import read_bytes
-    from imgsim.verify import VERIFIED, verify_pairs
+    from imgsim.verify import VERIFIED
 
     started = time.perf_counter()
-    status, _ = verify_pairs(collection.paths, first_row[a], first_row[b], read_bytes)
+    status = (verifier or verify_here)(collection.paths, first_row[a], first_row[b])
     log(
         f"[duplicates] verified {len(a):,} candidate pairs in {time.perf_counter() - started:.1f} s: "
         f"{int((status == VERIFIED).sum()):,} hold one geometry"
@@ -605,12 +621,13 @@ def find_duplicates(
     runner: ChunkRunner | None = None,
     searcher: Searcher | None = None,
     verify: bool = DEFAULTS.duplicates.verify,
+    verifier: PairVerifier | None = None,
 ) -> DuplicateReport:
     """Exact and near-duplicate groups over RUN's index (module docstring); updates the stored state.
 
     `runner` runs the calibration's copy chunks (default in-process; `pipelines.duplicates` passes Ray
     tasks). `full` ignores the stored pairs and searches every image. `verify`: check candidate pairs
-    of images large enough geometrically (`imgsim.verify`).
+    of images large enough geometrically (`imgsim.verify`), with `verifier` (default in-process).
     """
     from imgsim.search import Searcher
 
@@ -691,7 +708,7 @@ def find_duplicates(
     new_s = np.full(len(new_a), verification.UNVERIFIABLE, np.int8)
     judge = checkable[new_a] & checkable[new_b]
     if judge.any():
-        new_s[judge] = verify_node_pairs(collection, first_row, new_a[judge], new_b[judge])
+        new_s[judge] = verify_node_pairs(collection, first_row, new_a[judge], new_b[judge], verifier)
     stages["verify"] = time.perf_counter() - t0
     a = np.concatenate([reused_a, new_a])
     b = np.concatenate([reused_b, new_b])

@@ -11,17 +11,67 @@ run are searched) and the reports are written to DIR (default RUN/duplicates/).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from imgsim.config import DEFAULTS
-from imgsim.duplicates import find_duplicates
+from imgsim.duplicates import PairVerifier, find_duplicates, verify_here
 from imgsim.duplicates_report import write_reports
 from imgsim.edits import TRAINED_EDITS
-from imgsim.progress import log
+from imgsim.progress import Progress, log
 from imgsim.runs import RunPaths
 from imgsim.search import Searcher
 from pipelines.evaluate import copy_runner
+
+#: More candidate pairs than this are verified as Ray tasks (about 10 ms a pair on one core).
+IN_PROCESS_MAX_PAIRS = 20_000
+#: Pairs per Ray task.
+PAIRS_PER_TASK = 5_000
+
+
+def _verify_chunk(paths: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One Ray task's pairs, on the one CPU it holds (OpenCV would start a thread per core)."""
+    import cv2
+
+    from imgsim.sources import read_bytes
+    from imgsim.verify import verify_pairs
+
+    cv2.setNumThreads(1)
+    return verify_pairs(paths, a, b, read_bytes, threads=1)[0]
+
+
+def pair_verifier(use_ray: bool | None = None) -> PairVerifier:
+    """A `PairVerifier` that spreads more than IN_PROCESS_MAX_PAIRS pairs (or any, with `use_ray`) over Ray
+    tasks of PAIRS_PER_TASK pairs, each sent only the paths it needs; fewer are verified here."""
+
+    def verify(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if not (use_ray if use_ray is not None else len(a) > IN_PROCESS_MAX_PAIRS):
+            return verify_here(paths, a, b)
+        import ray
+
+        from pipelines.runtime import ensure_ray
+
+        ensure_ray()
+        task = ray.remote(num_cpus=1, max_retries=2)(_verify_chunk)
+        order = np.lexsort((b, a))  # an image's pairs together: each task reads it once
+        chunks = [order[i : i + PAIRS_PER_TASK] for i in range(0, len(order), PAIRS_PER_TASK)]
+        pending = []
+        for chunk in chunks:
+            rows, local = np.unique(np.concatenate([a[chunk], b[chunk]]), return_inverse=True)
+            pending.append(
+                task.remote([paths[r] for r in rows.tolist()], local[: len(chunk)], local[len(chunk) :])
+            )
+        status = np.empty(len(a), np.int8)
+        with Progress(len(a), "verify candidate pairs", "pairs") as progress:
+            for chunk, ref in zip(chunks, pending, strict=True):
+                status[chunk] = ray.get(ref)
+                progress.update(len(chunk))
+        return status
+
+    return verify
 
 
 def duplicates(
@@ -44,7 +94,7 @@ def duplicates(
     runner = copy_runner(run, searcher, min(copies, len(searcher)) * len(TRAINED_EDITS), use_ray)
     report = find_duplicates(
         run, threshold=threshold, precision=precision, recalibrate=recalibrate, full=full, copies=copies,
-        seed=seed, runner=runner, searcher=searcher, verify=verify,
+        seed=seed, runner=runner, searcher=searcher, verify=verify, verifier=pair_verifier(use_ray),
     )  # fmt: skip
     summary = report.summary()
     files = write_reports(report.groups, summary, out or RunPaths(run).duplicates_dir, html_groups)

@@ -206,3 +206,24 @@ def test_an_incremental_run_verifies_only_the_new_pairs(
     groups = {m.path: {x.path for x in g.members} for g in second.groups for m in g.members}
     assert groups[str(new)] == {str(new), str(work_data / "t2.jpg")}
     assert len(second.groups) == len(first.groups) + 1
+
+
+def test_many_pairs_are_verified_as_ray_tasks_with_the_same_verdicts(
+    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    import json
+
+    from pipelines.duplicates import duplicates, pair_verifier
+
+    data, run, copies = tile_run
+    paths = sorted(str(p) for p in data.iterdir())
+    a, b = np.triu_indices(len(paths), 1)
+    here = pair_verifier(use_ray=False)(paths, a, b)
+    assert (pair_verifier(use_ray=True)(paths, a, b) == here).all()
+    assert (here == verify.VERIFIED).sum() >= len(copies)
+    summary = duplicates(run, threshold=0.5, full=True, out=tmp_path, use_ray=True)
+    groups = [json.loads(line) for line in (tmp_path / "duplicates.jsonl").read_text().splitlines()]
+    assert summary["groups"] == len(copies) == len(groups)
+    assert {frozenset(m["path"] for m in g["members"]) for g in groups} == {
+        frozenset(p) for p in copies.items()
+    }
