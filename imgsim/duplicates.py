@@ -687,8 +687,10 @@ def find_duplicates(
         b = pc.index_in(previous.key_b, value_set=node_key)
         keep = (pc.is_valid(a).to_numpy(zero_copy_only=False) & pc.is_valid(b).to_numpy(zero_copy_only=False)
                 & (previous.distance <= radius + TOLERANCE))  # fmt: skip
-        reused_a = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
-        reused_b = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+        first = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+        second = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+        # (smaller, larger) in this run's node numbers, which a re-index may have reordered
+        reused_a, reused_b = np.minimum(first, second), np.maximum(first, second)
         reused_d = previous.distance[keep]
         reused_s = previous.status[keep]
     wide = to_search[checkable[to_search]]
