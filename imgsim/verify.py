@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -140,16 +141,17 @@ def _grey(data: bytes) -> np.ndarray | None:
         return None
 
 
-_CLAHE = None
+_LOCAL = threading.local()
 
 
-def _clahe():  # one per process: creating it costs more than applying it to a small image
-    global _CLAHE
-    if _CLAHE is None:
+def _clahe():  # noqa: ANN202 - cv2.CLAHE
+    """This thread's CLAHE: one object keeps buffers sized to its last image, so threads may not share it
+    (sharing one failed on images of different sizes)."""
+    if not hasattr(_LOCAL, "clahe"):
         import cv2
 
-        _CLAHE = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4))
-    return _CLAHE
+        _LOCAL.clahe = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4))
+    return _LOCAL.clahe
 
 
 def judge(a: Features, b: Features) -> tuple[int, int]:

@@ -227,3 +227,26 @@ def test_many_pairs_are_verified_as_ray_tasks_with_the_same_verdicts(
     assert {frozenset(m["path"] for m in g["members"]) for g in groups} == {
         frozenset(p) for p in copies.items()
     }
+
+
+def test_threads_give_the_verdicts_of_one_thread(tmp_path: Path) -> None:
+    """Features are computed on several threads at once, for images of different sizes (OpenCV objects
+    that keep per-image buffers must not be shared between them)."""
+    paths = []
+    for i, tile in enumerate(tiles(4) + tiles(5)):
+        side = 160 + 24 * i
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(jpeg(tile.resize((side, side)), 80))
+        paths.append(tmp_path / f"{i}-copy.jpg")
+        paths[-1].write_bytes(jpeg(edited(tile)))
+    names = [str(p) for p in paths]
+    a, b = np.triu_indices(len(names), 1)
+
+    def read(path: str) -> bytes:
+        return Path(path).read_bytes()
+
+    one = verify.verify_pairs(names, a, b, read, threads=1)
+    assert (one[0] == verify.VERIFIED).sum() >= len(names) // 2
+    for _ in range(3):
+        many = verify.verify_pairs(names, a, b, read, threads=8)
+        assert (many[0] == one[0]).all() and (many[1] == one[1]).all()
