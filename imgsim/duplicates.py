@@ -159,10 +159,15 @@ def pair_code(x: int, y: int) -> int:
     return (min(x, y) << 32) | max(x, y)
 
 
+def pair_codes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`pair_code` of each pair (`a[i]`, `b[i]`)."""
+    return (np.minimum(a, b).astype(np.int64) << 32) | np.maximum(a, b).astype(np.int64)
+
+
 def unique_pairs(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs as (min, max), each once (the smallest distance seen), sorted by distance then nodes."""
     lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
-    code = (lo << 32) | hi
+    code = pair_codes(lo, hi)
     order = np.lexsort((code, d))
     _, first = np.unique(code[order], return_index=True)
     chosen = order[first]
@@ -657,12 +662,13 @@ def find_duplicates(
     # images large enough for keypoints are verified, so their candidates reach further
     checkable = collection.verifiable(first_row) if verify else np.zeros(len(first_row), bool)
     radius = float(threshold)
-    if checkable.any() and calibration is None:  # --threshold: a stored calibration's radius, if any
-        calibration_radius = (load_calibration(run, searcher.model.fingerprint) or {}).get("candidate_radius")
-    else:
-        calibration_radius = (calibration or {}).get("candidate_radius")
-    if checkable.any() and calibration_radius is not None:
-        radius = max(radius, float(calibration_radius))
+    if checkable.any():  # with --threshold, a stored calibration's radius, if any
+        measured = (
+            calibration if calibration is not None else load_calibration(run, searcher.model.fingerprint)
+        )
+        candidate_reach = (measured or {}).get("candidate_radius")
+        if candidate_reach is not None:
+            radius = max(radius, float(candidate_reach))
     from imgsim import verify as verification
 
     settings = {
@@ -687,10 +693,9 @@ def find_duplicates(
         b = pc.index_in(previous.key_b, value_set=node_key)
         keep = (pc.is_valid(a).to_numpy(zero_copy_only=False) & pc.is_valid(b).to_numpy(zero_copy_only=False)
                 & (previous.distance <= radius + TOLERANCE))  # fmt: skip
-        first = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
-        second = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
-        # (smaller, larger) in this run's node numbers, which a re-index may have reordered
-        reused_a, reused_b = np.minimum(first, second), np.maximum(first, second)
+        # in this run's node numbers, which a re-index may have reordered: pair_codes ignore the order
+        reused_a = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
+        reused_b = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
         reused_d = previous.distance[keep]
         reused_s = previous.status[keep]
     wide = to_search[checkable[to_search]]
@@ -701,8 +706,7 @@ def find_duplicates(
     ]  # fmt: skip
     new_a, new_b, new_d = unique_pairs(*(np.concatenate(part) for part in zip(*found, strict=True)))
     if len(reused_a):  # a pair already judged keeps its status (found again from a new node's side)
-        known_pairs = set(((reused_a << 32) | reused_b).tolist())
-        fresh = np.array([code not in known_pairs for code in ((new_a << 32) | new_b).tolist()], bool)
+        fresh = ~np.isin(pair_codes(new_a, new_b), pair_codes(reused_a, reused_b))
         new_a, new_b, new_d = new_a[fresh], new_b[fresh], new_d[fresh]
     stages["search"] = time.perf_counter() - t0
 
@@ -719,10 +723,8 @@ def find_duplicates(
 
     t0 = time.perf_counter()
     vectors = metric_space(collection.emb[first_row], index.metric)
-    linked = (status == verification.VERIFIED) | (
-        (status == verification.UNVERIFIABLE) & (d <= threshold + TOLERANCE)
-    )
-    codes = (a << 32) | b
+    linked = verification.links(status, d, threshold, TOLERANCE)
+    codes = pair_codes(a, b)
     node_groups = complete_linkage(
         len(first_row), a[linked], b[linked], d[linked], vectors, index.metric, threshold,
         verified=set(codes[status == verification.VERIFIED].tolist()),
@@ -791,10 +793,12 @@ def matches_of(
         from imgsim.sources import read_bytes
 
         status = verify.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
+        distance = np.array([found[i] for i in candidates], np.float64)
         linked = {
-            i for i, s in zip(candidates, status.tolist(), strict=True)
-            if s == verify.VERIFIED or (s == verify.UNVERIFIABLE and found[i] <= threshold + TOLERANCE)
-        }  # fmt: skip
+            i
+            for i, ok in zip(candidates, verify.links(status, distance, threshold, TOLERANCE), strict=True)
+            if ok
+        }
         found = {i: x for i, x in found.items() if i in linked or i in exact_ids}
     for i in exact_ids:
         found.setdefault(i, 0.0)

@@ -66,7 +66,7 @@ class Features:
     mirror_points: np.ndarray
     mirror_descriptors: np.ndarray
     #: enough texture before the contrast boost (`TEXTURED_KEYPOINTS`) that a copy would surely match
-    textured: bool = True
+    textured: bool
 
 
 def settings() -> dict[str, float | int]:
@@ -154,6 +154,12 @@ def _clahe():  # noqa: ANN202 - cv2.CLAHE
     return _LOCAL.clahe
 
 
+def links(status: np.ndarray, distance: np.ndarray, threshold: float, tolerance: float = 1e-6) -> np.ndarray:
+    """Which judged pairs are duplicates: the verified ones, and the unverifiable ones within the
+    embedding's `threshold` (a rejected pair never is)."""
+    return (status == VERIFIED) | ((status == UNVERIFIABLE) & (distance <= threshold + tolerance))
+
+
 def judge(a: Features, b: Features) -> tuple[int, int]:
     """(status, inliers) of a pair: VERIFIED with `MIN_INLIERS` or more; else REJECTED when both images
     have texture enough that a true copy would have matched, UNVERIFIABLE when one is nearly flat
@@ -194,6 +200,19 @@ def _inliers(pa: np.ndarray, da: np.ndarray, pb: np.ndarray, db: np.ndarray) -> 
     return int(mask.sum())
 
 
+def _features_at(path: str, read: Callable[[str], bytes]) -> Features | None:
+    """`features_of` the file at `path`; None (unverifiable) when it cannot be read."""
+    try:
+        return features_of(read(path))
+    except OSError:
+        return None
+
+
+def _pool(threads: int | None) -> ThreadPoolExecutor:
+    """Threads for computing features (OpenCV releases the GIL): `threads`, else one per core up to 8."""
+    return ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+
+
 def verify_pairs(
     paths: Sequence[str],
     a: np.ndarray,
@@ -201,7 +220,6 @@ def verify_pairs(
     read: Callable[[str], bytes],
     *,
     threads: int | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(status, inliers) per pair of row numbers (`a[i]`, `b[i]`) into `paths`: status VERIFIED,
     REJECTED or UNVERIFIABLE (see the module docstring). `read(path)` gives an image's bytes.
@@ -212,32 +230,21 @@ def verify_pairs(
     status = np.full(len(a), UNVERIFIABLE, np.int8)
     counts = np.zeros(len(a), np.int32)
     cache: OrderedDict[int, Features | None] = OrderedDict()
-
-    def load(row: int) -> Features | None:
-        try:
-            return features_of(read(paths[row]))
-        except OSError:
-            return None
-
     order = np.lexsort((b, a))  # pairs of one image together: its features stay cached
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+    with _pool(threads) as pool:
         for start in range(0, len(order), CHUNK_PAIRS):
             chunk = order[start : start + CHUNK_PAIRS]
-            needed = [
-                r for r in dict.fromkeys(np.concatenate([a[chunk], b[chunk]]).tolist()) if r not in cache
-            ]
-            cache.update(zip(needed, pool.map(load, needed), strict=True))
+            rows = list(dict.fromkeys(np.concatenate([a[chunk], b[chunk]]).tolist()))
+            needed = [r for r in rows if r not in cache]
+            cache.update(zip(needed, pool.map(lambda r: _features_at(paths[r], read), needed), strict=True))
             for i in chunk.tolist():
                 fx, fy = cache[int(a[i])], cache[int(b[i])]
                 if fx is not None and fy is not None:
                     status[i], counts[i] = judge(fx, fy)
-            for row in [*np.concatenate([a[chunk], b[chunk]]).tolist()]:
-                if row in cache:
-                    cache.move_to_end(row)
+            for row in rows:
+                cache.move_to_end(row)
             while len(cache) > CACHED_IMAGES:
                 cache.popitem(last=False)
-            if progress is not None:
-                progress(min(start + CHUNK_PAIRS, len(order)))
     return status, counts
 
 
@@ -250,14 +257,8 @@ def verify_against(
     if mine is None or not len(paths):
         return status
 
-    def load(path: str) -> Features | None:
-        try:
-            return features_of(read(path))
-        except OSError:
-            return None
-
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        for i, theirs in enumerate(pool.map(load, paths)):
+    with _pool(threads) as pool:
+        for i, theirs in enumerate(pool.map(lambda path: _features_at(path, read), paths)):
             if theirs is not None:
                 status[i] = judge(mine, theirs)[0]
     return status
