@@ -202,6 +202,7 @@ def serve_figures(run: Path, work: Path, query: Path, clients: int, duration: fl
         start_new_session=True, cwd=REPO,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    tree: list[psutil.Process] = []
     try:
         t0 = time.perf_counter()
         while True:
@@ -243,11 +244,19 @@ def serve_figures(run: Path, work: Path, query: Path, clients: int, duration: fl
     finally:
         import signal
 
+        with contextlib.suppress(psutil.Error):  # Ray's processes, to wait for below
+            tree = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        # the next step (re-index) is timed: Ray's raylet, GCS and workers must be gone, not still
+        # shutting down on the same two cores
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        for leftover in alive:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
         log.close()
 
 

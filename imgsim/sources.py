@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import stat
 import subprocess
 import tempfile
 import time
@@ -237,9 +238,10 @@ def _folder_rows(fs: pafs.FileSystem, folder: str, base: str, shown: str, s3: bo
     return _listing_rows(retrying(lambda: fs.get_file_info(selector), s3), base, shown)
 
 
-def list_table(root: str) -> pa.Table:
+def list_table(root: str, *, ordered: bool = True) -> pa.Table:
     """Every image under `root`, recursively, as an Arrow table (`LISTING_SCHEMA`: path, label, size,
-    mtime) sorted by path; raises `SourceError` if there is none.
+    mtime) sorted by path (`ordered=False`: in the order found, for a caller that sorts only the rows
+    it keeps: sorting a million paths takes ~0.6 s); raises `SourceError` if there is none.
 
     Images have one of `IMAGE_EXTENSIONS` (any case). Hidden files and folders (name starting with
     ".") are left out, as are things that are not regular files; symbolic links are followed. `root`
@@ -298,7 +300,7 @@ def list_table(root: str) -> pa.Table:
         raise SourceError(
             f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, any case) — {_hint(root)}"
         )
-    return table.sort_by("path").combine_chunks()
+    return (table.sort_by("path") if ordered else table).combine_chunks()
 
 
 def _find_rows(folders: list[str], base: str, shown: str) -> pa.Table | None:
@@ -333,27 +335,64 @@ _FIND_IMAGE_NAMES = [
 ]
 
 
-def _find_share(folders: list[str], prefix: str) -> tuple[pa.Array, pa.Array, pa.Array] | None:
+def _find_share(
+    folders: list[str], prefix: str, follow: bool = False
+) -> tuple[pa.Array, pa.Array, pa.Array] | None:
     """(paths, sizes, mtimes in ns) of the regular files under `folders` (hidden ones pruned, links
     followed), by GNU find in calls of `FIND_FOLDERS_PER_CALL` folders; None if any call fails.
 
-    find writes two files: the paths NUL-terminated (a name may hold any byte but NUL), and per file
-    `size.seconds.fraction` (its %s and %T@), which pyarrow's CSV reader parses in C."""
+    find writes three files: the paths of regular files NUL-terminated (a name may hold any byte but
+    NUL), per such file `size.seconds.fraction` (its %s and %T@), which pyarrow's CSV reader parses in
+    C, and the paths of symbolic links. find does not follow links itself (-H: only the starting
+    folders): it then stats each file by its name in an open folder, where following links makes it
+    stat the whole path (0.4 s less on 1M files, README). A link is stat'ed here instead: a link to
+    an image is listed under the link's path, a link to a folder is listed by find with every link
+    followed (-L, `follow`), as is all under it; broken links are left out, as find -L leaves them."""
     parts = []
     for start in range(0, len(folders), FIND_FOLDERS_PER_CALL):
-        names, numbers = f"{prefix}-{start}.paths", f"{prefix}-{start}.numbers"
-        command = ["find", "-L", *folders[start : start + FIND_FOLDERS_PER_CALL], "-mindepth", "1",
-                   "(", "-name", ".*", "-prune", ")", "-o",
-                   "(", "-type", "f", "(", *_FIND_IMAGE_NAMES, ")",
-                   "-fprint0", names, "-fprintf", numbers, r"%s.%T@\n", ")"]  # fmt: skip
+        base = f"{prefix}-{start}"
+        names, numbers, links = f"{base}.paths", f"{base}.numbers", f"{base}.links"
+        command = ["find", "-L" if follow else "-H", *folders[start : start + FIND_FOLDERS_PER_CALL],
+                   "-mindepth", "1", "(", "-name", ".*", "-prune", ")",
+                   "-o", "(", "-type", "f", "(", *_FIND_IMAGE_NAMES, ")",
+                   "-fprint0", names, "-fprintf", numbers, r"%s.%T@\n", ")",
+                   "-o", "(", "-type", "l", "-fprint0", links, ")"]  # fmt: skip
         try:
             done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True)
             if done.returncode != 0 or done.stdout:
                 return None
             parts.append(_parse_find(names, numbers))
+            linked, linked_folders = _followed_links(links)
+            parts.append(linked)
         except (OSError, ValueError, pa.ArrowInvalid):
             return None
+        if linked_folders:
+            below = _find_share(linked_folders, f"{base}-linked", follow=True)
+            if below is None:
+                return None
+            parts.append(below)
     return tuple(pa.concat_arrays([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+
+
+def _followed_links(links: str) -> tuple[tuple[pa.Array, pa.Array, pa.Array], list[str]]:
+    """The rows of the links (NUL-terminated paths in the file `links`) to image files, and the links
+    to folders; ValueError for a path that is not UTF-8 (as in `_parse_find`)."""
+    with open(links, "rb") as f:
+        found = [p.decode() for p in f.read().split(b"\0")[:-1]]
+    paths, sizes, mtimes, folders = [], [], [], []
+    for path in found:
+        try:
+            st = os.stat(path)
+        except OSError:  # broken, or a loop
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            folders.append(path)
+        elif stat.S_ISREG(st.st_mode) and is_image_name(path):
+            paths.append(path)
+            sizes.append(st.st_size)
+            mtimes.append(st.st_mtime_ns)
+    rows = (pa.array(paths, pa.string()), pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64()))
+    return rows, folders
 
 
 def _parse_find(names: str, numbers: str) -> tuple[pa.Array, pa.Array, pa.Array]:

@@ -211,7 +211,8 @@ class Plan:
 
 
 def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
-    """Split the listing into reused (previous index), resumed (staging) and to-embed inputs.
+    """Split the listing (in any order) into reused (previous index), resumed (staging) and to-embed
+    inputs (sorted by path: new rows are indexed in that order).
 
     A previous row whose file could not be read is not reused: the file is tried again."""
     from_staged = _unchanged(listing, staged)
@@ -230,11 +231,12 @@ def plan_work(listing: pa.Table, staged: pa.Table, previous: pa.Table) -> Plan:
         row = staged["row"].to_numpy()[hits]
         for p in np.unique(part):
             resumed[int(p)] = np.sort(row[part == p])
+    kept = np.sort(from_previous[from_previous >= 0])  # previous rows are unique: all of them = arange
     return Plan(
-        todo=listing.filter(pa.array(todo_mask)),
+        todo=listing.filter(pa.array(todo_mask)).sort_by("path"),
         resumed=resumed,
         # in the previous file's order: when every row stays, files.parquet is appended to, not rewritten
-        reused=previous.take(np.sort(from_previous[from_previous >= 0])),
+        reused=previous if len(kept) == previous.num_rows else previous.take(kept),
         # paths are unique on both sides: a previous path the listing did not find is gone
         removed=previous.num_rows - int((in_previous >= 0).sum()),
     )
@@ -336,7 +338,7 @@ def build_index(
     started = time.perf_counter()
     paths = RunPaths(Path(run).resolve())
     fingerprint = model_lib.fingerprint(paths.root)
-    listing = list_inputs_table(data)
+    listing = list_inputs_table(data, ordered=False)  # plan_work sorts the rows to embed
     staging = _staging(paths, fingerprint, full)
     previous = _no_previous() if full else _read_previous(paths, fingerprint)
     old_parts = sorted(staging.glob("part-*.parquet"))

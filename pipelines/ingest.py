@@ -64,11 +64,11 @@ def list_inputs(root: str) -> list[ImageRef]:
     return refs
 
 
-def list_inputs_table(root: str) -> pa.Table:
-    """`imgsim.sources.list_table(root)` (Arrow columns: what an index of millions lists), shown as
-    the "list" stage on the console."""
+def list_inputs_table(root: str, *, ordered: bool = True) -> pa.Table:
+    """`imgsim.sources.list_table(root, ordered=...)` (Arrow columns: what an index of millions
+    lists), shown as the "list" stage on the console."""
     with stage(f"list {root}", unit="images") as p:
-        table = list_table(root)
+        table = list_table(root, ordered=ordered)
         p.set(table.num_rows)
     return table
 

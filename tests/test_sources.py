@@ -75,6 +75,8 @@ def test_find_and_pyarrow_list_the_same_rows(tree: Path, monkeypatch: pytest.Mon
     os.mkfifo(tree / "fish" / "pipe.png")
     (tree / "linked").symlink_to(tree / "dogs", target_is_directory=True)
     (tree / "birds" / "link.png").symlink_to(tree / "cats" / "a.png")
+    (tree / "cats" / "more").symlink_to(tree / "dogs" / "puppies", target_is_directory=True)
+    (tree / "cats" / "gone.png").symlink_to(tree / "no-such-image.png")  # broken: left out
     os.utime(tree / "cats" / "a.png", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
     calls: list[list[str]] = []
     run = subprocess.run
@@ -86,7 +88,9 @@ def test_find_and_pyarrow_list_the_same_rows(tree: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(sources.subprocess, "run", spy)
     by_find = sources.list_table(str(tree))
     assert calls and all(c[0] == "find" for c in calls)
-    assert len(calls) == min(os.cpu_count() or 1, sources.LIST_PROCESSES)  # one share each
+    shares = [c for c in calls if "-L" not in c]  # a linked folder is listed by a find -L of its own
+    assert len(shares) == min(os.cpu_count() or 1, sources.LIST_PROCESSES)  # one share each
+    assert [c[2] for c in calls if "-L" in c] == [str(tree / "cats" / "more")]
     monkeypatch.setattr(
         sources.tempfile, "tempdir", str(tree / "no-such-folder")
     )  # no room for find's output
@@ -102,7 +106,7 @@ def test_find_and_pyarrow_list_the_same_rows(tree: Path, monkeypatch: pytest.Mon
         by_find["path"].to_pylist(), by_find["mtime"].to_pylist(), strict=True)}  # fmt: skip
     assert set(listed) == {
         *EXPECTED, "birds/x.PNG", "fish/x.PNG", "zebras/x.PNG", "fish/a name\nwith ünïcode.png",
-        "birds/link.png", "linked/d.Tiff", "linked/puppies/c.jpeg",
+        "birds/link.png", "linked/d.Tiff", "linked/puppies/c.jpeg", "cats/more/c.jpeg",
     }  # fmt: skip
     assert listed["cats/a.png"] == listed["birds/link.png"] == 1_700_000_000_123_456_789
     sizes = dict(zip(by_find["path"].to_pylist(), by_find["size"].to_pylist(), strict=True))
