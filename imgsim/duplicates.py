@@ -627,12 +627,15 @@ def find_duplicates(
     searcher: Searcher | None = None,
     verify: bool = DEFAULTS.duplicates.verify,
     verifier: PairVerifier | None = None,
+    nprobe: int | None = None,
 ) -> DuplicateReport:
     """Exact and near-duplicate groups over RUN's index (module docstring); updates the stored state.
 
     `runner` runs the calibration's copy chunks (default in-process; `pipelines.duplicates` passes Ray
     tasks). `full` ignores the stored pairs and searches every image. `verify`: check candidate pairs
     of images large enough geometrically (`imgsim.verify`), with `verifier` (default in-process).
+    `nprobe`: IVF partitions the range search scans per image (default the index's; an exact index
+    ignores it). Fewer is faster and may miss a pair across a partition boundary.
     """
     from imgsim.search import Searcher
 
@@ -701,8 +704,9 @@ def find_duplicates(
     wide = to_search[checkable[to_search]]
     found = [
         near_pairs(index, collection.emb, to_search[~checkable[to_search]], node_of_row, first_row, threshold,
-                   max_neighbours),
-        near_pairs(index, collection.emb, wide, node_of_row, first_row, threshold, max_neighbours, radius=radius),
+                   max_neighbours, nprobe),
+        near_pairs(index, collection.emb, wide, node_of_row, first_row, threshold, max_neighbours, nprobe,
+                   radius=radius),
     ]  # fmt: skip
     new_a, new_b, new_d = unique_pairs(*(np.concatenate(part) for part in zip(*found, strict=True)))
     if len(reused_a):  # a pair already judged keeps its status (found again from a new node's side)

@@ -86,6 +86,7 @@ def duplicates(
     copies: int = DEFAULTS.duplicates.calibration_copies,
     seed: int = DEFAULTS.duplicates.seed,
     html_groups: int = DEFAULTS.duplicates.html_groups,
+    nprobe: int | None = None,
     use_ray: bool | None = None,
 ) -> dict[str, Any]:
     """Find the groups, write duplicates.jsonl/.csv/.html into `out`; the summary (`--json`)."""
@@ -95,6 +96,7 @@ def duplicates(
     report = find_duplicates(
         run, threshold=threshold, precision=precision, recalibrate=recalibrate, full=full, copies=copies,
         seed=seed, runner=runner, searcher=searcher, verify=verify, verifier=pair_verifier(use_ray),
+        nprobe=nprobe,
     )  # fmt: skip
     summary = report.summary()
     files = write_reports(report.groups, summary, out or RunPaths(run).duplicates_dir, html_groups)

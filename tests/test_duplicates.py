@@ -213,3 +213,27 @@ def test_an_incremental_run_finds_the_new_duplicates(
     assert [sorted(m.path for m in g.members) for g in full.groups] == [
         sorted(m.path for m in g.members) for g in second.groups
     ]
+
+
+def test_nprobe_reaches_the_range_search(
+    dup_run: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`imgsim duplicates --nprobe N` scans N partitions per image (an exact index ignores it: the same
+    groups)."""
+    from imgsim.index import KnnIndex
+
+    _, run, _ = dup_run
+    default = find_duplicates(run, full=True)
+    seen: list[int | None] = []
+    search = KnnIndex.range_search
+
+    def spy(self: KnnIndex, q: np.ndarray, max_distance: float, **kwargs: object) -> object:
+        seen.append(kwargs.get("nprobe"))  # type: ignore[arg-type]
+        return search(self, q, max_distance, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KnnIndex, "range_search", spy)
+    fewer = find_duplicates(run, full=True, nprobe=3)
+    assert seen and set(seen) == {3}
+    assert [sorted(m.path for m in g.members) for g in fewer.groups] == [
+        sorted(m.path for m in g.members) for g in default.groups
+    ]
