@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from imgsim import verify as verification
 from imgsim.atomic import atomic_write_json, writing_dir
 from imgsim.config import DEFAULTS
 from imgsim.index import KnnIndex, metric_space, pair_distances
@@ -285,11 +286,9 @@ class Collection:
     def verifiable(self, rows: np.ndarray) -> np.ndarray:
         """Which of `rows` are large enough for geometric verification (`imgsim.verify.MIN_SIDE`);
         none when the index has no image sizes."""
-        from imgsim.verify import MIN_SIDE
-
         if self.shorter_sides is None:
             return np.zeros(len(rows), bool)
-        return self.shorter_sides[rows] >= MIN_SIDE
+        return self.shorter_sides[rows] >= verification.MIN_SIDE
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -404,9 +403,8 @@ PairVerifier = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
 def verify_here(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The in-process `PairVerifier` (images read with `imgsim.sources.read_bytes`, local or S3)."""
     from imgsim.sources import read_bytes
-    from imgsim.verify import verify_pairs
 
-    return verify_pairs(paths, a, b, read_bytes)[0]
+    return verification.verify_pairs(paths, a, b, read_bytes)[0]
 
 
 def verify_node_pairs(
@@ -418,13 +416,12 @@ def verify_node_pairs(
 ) -> np.ndarray:
     """`imgsim.verify`'s status of each node pair (`a[i]`, `b[i]`), from their first rows' files."""
     from imgsim.progress import log
-    from imgsim.verify import VERIFIED
 
     started = time.perf_counter()
     status = (verifier or verify_here)(collection.paths, first_row[a], first_row[b])
     log(
         f"[duplicates] verified {len(a):,} candidate pairs in {time.perf_counter() - started:.1f} s: "
-        f"{int((status == VERIFIED).sum()):,} hold one geometry"
+        f"{int((status == verification.VERIFIED).sum()):,} hold one geometry"
     )
     return status
 
@@ -672,8 +669,6 @@ def find_duplicates(
         candidate_reach = (measured or {}).get("candidate_radius")
         if candidate_reach is not None:
             radius = max(radius, float(candidate_reach))
-    from imgsim import verify as verification
-
     settings = {
         "version": STATE_VERSION,
         "model_fingerprint": searcher.model.fingerprint,
@@ -779,8 +774,6 @@ def matches_of(
     verified geometrically as `imgsim duplicates` does (`imgsim.verify`): a verified one is a match
     out to `radius` (among the `verify_neighbours` nearest), a rejected one is not a match, and an
     unverifiable one (a small or flat image) is a match within `threshold`."""
-    from imgsim import verify
-
     judged = data is not None and radius is not None and radius > threshold
     reach = max(threshold, radius) if judged else threshold
     wanted = max(max_matches, DEFAULTS.duplicates.verify_neighbours) if judged else max_matches
@@ -796,11 +789,13 @@ def matches_of(
         ]  # fmt: skip
         from imgsim.sources import read_bytes
 
-        status = verify.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
+        status = verification.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
         distance = np.array([found[i] for i in candidates], np.float64)
         linked = {
             i
-            for i, ok in zip(candidates, verify.links(status, distance, threshold, TOLERANCE), strict=True)
+            for i, ok in zip(
+                candidates, verification.links(status, distance, threshold, TOLERANCE), strict=True
+            )
             if ok
         }
         found = {i: x for i, x in found.items() if i in linked or i in exact_ids}

@@ -21,7 +21,7 @@ from imgsim.config import DEFAULTS
 from imgsim.duplicates import PairVerifier, find_duplicates, verify_here
 from imgsim.duplicates_report import write_reports
 from imgsim.edits import TRAINED_EDITS
-from imgsim.progress import Progress, log
+from imgsim.progress import bar, log
 from imgsim.runs import RunPaths
 from imgsim.search import Searcher
 from pipelines.evaluate import copy_runner
@@ -65,7 +65,7 @@ def pair_verifier(use_ray: bool | None = None) -> PairVerifier:
                 task.remote([paths[r] for r in rows.tolist()], local[: len(chunk)], local[len(chunk) :])
             )
         status = np.empty(len(a), np.int8)
-        with Progress(len(a), "verify candidate pairs", "pairs") as progress:
+        with bar(len(a), "verify candidate pairs", "pairs") as progress:
             for chunk, ref in zip(chunks, pending, strict=True):
                 status[chunk] = ray.get(ref)
                 progress.update(len(chunk))
