@@ -1,4 +1,5 @@
-"""Geometric verification of candidate duplicate pairs: local features that must agree on one transform.
+"""Geometric verification of candidate duplicate pairs: local features that must agree on one transform,
+or, for smooth images, the whole image that must fit one crop.
 
 The embedding puts an edited copy near its original, but in a collection of similar photos (tiles of
 one landscape, frames of one scene) it puts the neighbours just as near. What tells them apart is
@@ -11,11 +12,12 @@ mirror; a neighbour shows other points. So each candidate pair is checked like t
 3. Descriptor matches that pass Lowe's ratio test (`RATIO`), then RANSAC fits a similarity transform
    (rotation, uniform scale, shift); the transform must be plausible (scale between 1/4 and 4).
 4. The pair is **verified** when at least `MIN_INLIERS` matches agree with it (the better of the
-   image and its mirror); **rejected** when fewer do and both images have texture enough
+   image and its mirror), or, failing that, when the dense check of `imgsim.alignment` finds one image
+   a crop of the other (smooth photos give too few keypoints, or only JPEG blocks', but their shapes
+   still line up); **rejected** when neither holds and both images have texture enough
    (`TEXTURED_KEYPOINTS`) that a true copy would have matched; **unverifiable** otherwise, and when an
-   image is smaller than `MIN_SIDE`, cannot be read, or gives fewer than `MIN_KEYPOINTS` keypoints
-   (flat images, tiny icons): for those the embedding's threshold alone decides
-   (`imgsim.duplicates`).
+   image is smaller than `MIN_SIDE` or cannot be read: for those the embedding's threshold alone
+   decides (`imgsim.duplicates`).
 
 Measured on `bench/duplicates.py --part photos` (README): see there for what each setting won.
 """
@@ -32,11 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imgsim import alignment
+
 #: Longer side the images are scaled to before keypoints are found.
 SIDE = 256
 #: Images with a shorter side below this are not verified (too few keypoints fit).
 MIN_SIDE = 64
-#: Fewer keypoints than this in either image: unverifiable.
+#: Fewer keypoints than this in either image: no keypoint matching (only the dense check).
 MIN_KEYPOINTS = 20
 #: Keypoints (ORB, FAST threshold 10, before the contrast boost) an image needs for a failed match to
 #: count against a pair: fewer, and it proves nothing (the pair is unverifiable).
@@ -52,21 +56,24 @@ FEATURES = 1000
 CHUNK_PAIRS = 1024
 CACHED_IMAGES = 4096
 #: A version of the method, stored with the pairs it judged: a change makes them judged again.
-VERSION = 1
+VERSION = 2
 
 VERIFIED, REJECTED, UNVERIFIABLE = 1, 0, -1
 
 
 @dataclass
 class Features:
-    """Keypoint positions (K, 2) and ORB descriptors (K, 32) of an image and of its mirror image."""
+    """Keypoint positions (K, 2) and ORB descriptors (K, 32) of an image and of its mirror image (None
+    when it has fewer than `MIN_KEYPOINTS`), and its thumbnail for the dense check."""
 
-    points: np.ndarray
-    descriptors: np.ndarray
-    mirror_points: np.ndarray
-    mirror_descriptors: np.ndarray
+    points: np.ndarray | None
+    descriptors: np.ndarray | None
+    mirror_points: np.ndarray | None
+    mirror_descriptors: np.ndarray | None
     #: enough texture before the contrast boost (`TEXTURED_KEYPOINTS`) that a copy would surely match
     textured: bool
+    #: `imgsim.alignment.thumbnail` of the grey image
+    thumbnail: np.ndarray
 
 
 def settings() -> dict[str, float | int]:
@@ -79,12 +86,12 @@ def settings() -> dict[str, float | int]:
         "min_inliers": MIN_INLIERS,
         "textured_keypoints": TEXTURED_KEYPOINTS,
         "ratio": RATIO,
+        **alignment.settings(),
     }
 
 
 def features_of(data: bytes) -> Features | None:
-    """The features of an encoded image, or None when it is unverifiable (unreadable, too small,
-    too few keypoints)."""
+    """The features of an encoded image, or None when it is unverifiable (unreadable or too small)."""
     import cv2
 
     grey = _grey(data)
@@ -100,13 +107,14 @@ def features_of(data: bytes) -> Features | None:
     )
     pixels = _clahe().apply(grey)
     orb = cv2.ORB_create(nfeatures=FEATURES, fastThreshold=5)
-    found = []
+    found: list[np.ndarray | None] = []
     for image in (pixels, np.ascontiguousarray(pixels[:, ::-1])):
         keypoints, descriptors = orb.detectAndCompute(image, None)
         if descriptors is None or len(keypoints) < MIN_KEYPOINTS:
-            return None
-        found.append((np.float32([k.pt for k in keypoints]), descriptors))
-    return Features(found[0][0], found[0][1], found[1][0], found[1][1], textured)
+            found = [None] * 4
+            break
+        found += [np.float32([k.pt for k in keypoints]), descriptors]
+    return Features(*found, textured=textured, thumbnail=alignment.thumbnail(grey))
 
 
 def _grey(data: bytes) -> np.ndarray | None:
@@ -161,17 +169,21 @@ def links(status: np.ndarray, distance: np.ndarray, threshold: float, tolerance:
 
 
 def judge(a: Features, b: Features) -> tuple[int, int]:
-    """(status, inliers) of a pair: VERIFIED with `MIN_INLIERS` or more; else REJECTED when both images
-    have texture enough that a true copy would have matched, UNVERIFIABLE when one is nearly flat
-    (smooth gradients, soft blobs: their few keypoints are noise, and fewer matches prove nothing)."""
+    """(status, inliers) of a pair: VERIFIED with `MIN_INLIERS` or more, or when one image is a crop of the
+    other by the dense check (`imgsim.alignment.match`); else REJECTED when both images have texture
+    enough that a true copy would have matched, UNVERIFIABLE when one is nearly flat (smooth gradients,
+    soft blobs: their few keypoints are noise, and fewer matches prove nothing)."""
     found = inliers(a, b)
-    if found >= MIN_INLIERS:
+    if found >= MIN_INLIERS or alignment.match(a.thumbnail, b.thumbnail):
         return VERIFIED, found
     return (REJECTED if a.textured and b.textured else UNVERIFIABLE), found
 
 
 def inliers(a: Features, b: Features) -> int:
-    """Matches of `a` and `b` (or `b`'s mirror image) that agree on one plausible similarity transform."""
+    """Matches of `a` and `b` (or `b`'s mirror image) that agree on one plausible similarity transform
+    (0 when either has too few keypoints)."""
+    if a.descriptors is None or b.descriptors is None:
+        return 0
     return max(
         _inliers(a.points, a.descriptors, b.points, b.descriptors),
         _inliers(a.points, a.descriptors, b.mirror_points, b.mirror_descriptors),
@@ -224,9 +236,9 @@ def verify_pairs(
     """(status, inliers) per pair of row numbers (`a[i]`, `b[i]`) into `paths`: status VERIFIED,
     REJECTED or UNVERIFIABLE (see the module docstring). `read(path)` gives an image's bytes.
 
-    Pairs are taken in chunks of `CHUNK_PAIRS`; the features of a chunk's images are computed on
-    `threads` threads (OpenCV releases the GIL) and the last `CACHED_IMAGES` images' kept (~80 KB
-    each), so memory stays bounded however many pairs there are."""
+    Pairs are taken in chunks of `CHUNK_PAIRS`; the features of a chunk's images are computed, and its
+    pairs judged, on `threads` threads (OpenCV releases the GIL); the last `CACHED_IMAGES` images'
+    features are kept (~90 KB each), so memory stays bounded however many pairs there are."""
     status = np.full(len(a), UNVERIFIABLE, np.int8)
     counts = np.zeros(len(a), np.int32)
     cache: OrderedDict[int, Features | None] = OrderedDict()
@@ -237,10 +249,10 @@ def verify_pairs(
             rows = list(dict.fromkeys(np.concatenate([a[chunk], b[chunk]]).tolist()))
             needed = [r for r in rows if r not in cache]
             cache.update(zip(needed, pool.map(lambda r: _features_at(paths[r], read), needed), strict=True))
-            for i in chunk.tolist():
-                fx, fy = cache[int(a[i])], cache[int(b[i])]
-                if fx is not None and fy is not None:
-                    status[i], counts[i] = judge(fx, fy)
+            pairs = [(i, cache[int(a[i])], cache[int(b[i])]) for i in chunk.tolist()]
+            pairs = [(i, fx, fy) for i, fx, fy in pairs if fx is not None and fy is not None]
+            for (i, _, _), verdict in zip(pairs, pool.map(lambda p: judge(p[1], p[2]), pairs), strict=True):
+                status[i], counts[i] = verdict
             for row in rows:
                 cache.move_to_end(row)
             while len(cache) > CACHED_IMAGES:
@@ -257,8 +269,10 @@ def verify_against(
     if mine is None or not len(paths):
         return status
 
+    def verdict(path: str) -> int:
+        theirs = _features_at(path, read)
+        return UNVERIFIABLE if theirs is None else judge(mine, theirs)[0]
+
     with _pool(threads) as pool:
-        for i, theirs in enumerate(pool.map(lambda path: _features_at(path, read), paths)):
-            if theirs is not None:
-                status[i] = judge(mine, theirs)[0]
+        status[:] = list(pool.map(verdict, paths))
     return status

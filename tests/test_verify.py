@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from toy_models import mirror_invariant_model, save_model
 
-from imgsim import verify
+from imgsim import alignment, verify
 from imgsim.duplicates import find_duplicates
 
 TILE = 256
@@ -42,8 +42,20 @@ def drawing(seed: int, side: int = 3 * TILE) -> Image.Image:
     return img
 
 
-def tiles(seed: int) -> list[Image.Image]:
-    img = drawing(seed)
+def smooth_scene(seed: int, side: int = 3 * TILE) -> Image.Image:
+    """A smooth grey "photo": large soft-edged ellipses, few corners for keypoints."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("L", (side, side), int(rng.integers(60, 200)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(14):
+        x, y = rng.integers(-side // 4, side, 2)
+        w, h = rng.integers(side // 8, side // 2, 2)
+        draw.ellipse((x, y, x + w, y + h), fill=int(rng.integers(0, 255)))
+    return img.filter(ImageFilter.GaussianBlur(3)).convert("RGB")
+
+
+def tiles(seed: int, img: Image.Image | None = None) -> list[Image.Image]:
+    img = drawing(seed) if img is None else img
     return [
         img.crop((x, y, x + TILE, y + TILE))
         for y in range(0, img.height, TILE)
@@ -80,6 +92,34 @@ def test_an_edited_copy_is_verified_and_a_neighbouring_tile_is_rejected() -> Non
     )
     for other in (pieces[1], pieces[3], pieces[5], tiles(1)[4]):
         assert status_of(original, jpeg(other, 90)) == verify.REJECTED
+
+
+def test_a_smooth_copy_is_verified_by_its_shape_and_its_neighbours_are_not() -> None:
+    """Keypoints find nothing to match on soft shapes; the dense check finds the copy's crop."""
+    pieces = tiles(0, smooth_scene(0))
+    original = verify.features_of(jpeg(pieces[4], 90))
+    copy = verify.features_of(jpeg(edited(pieces[4]), 30))
+    assert original is not None and copy is not None
+    assert verify.inliers(original, copy) < verify.MIN_INLIERS  # ORB alone would not verify it
+    assert verify.judge(original, copy)[0] == verify.VERIFIED
+    for other in (pieces[1], pieces[3], pieces[5], pieces[7], tiles(0, smooth_scene(1))[4]):
+        neighbour = verify.features_of(jpeg(other, 90))
+        assert neighbour is not None
+        assert verify.judge(original, neighbour)[0] != verify.VERIFIED
+
+
+def test_gradients_fit_at_any_crop_so_the_dense_check_proves_nothing() -> None:
+    """Two crops of one linear gradient correlate perfectly at many alignments: not a verified copy
+    (the distinctness rule, not the correlation, refuses it)."""
+    yy, xx = np.mgrid[0:400, 0:400]
+    ramp = Image.fromarray((xx * 0.4 + yy * 0.15).astype(np.uint8))
+    a = verify.features_of(jpeg(ramp.crop((0, 0, 300, 300)), 60))
+    b = verify.features_of(jpeg(ramp.crop((80, 50, 380, 350)).resize((240, 240)), 60))
+    assert a is not None and b is not None
+    correlation, gradients, distinctness = alignment.scores(a.thumbnail, b.thumbnail)
+    assert correlation >= alignment.MIN_CORRELATION and gradients >= alignment.MIN_GRADIENT_CORRELATION
+    assert distinctness < alignment.MIN_DISTINCTNESS
+    assert verify.judge(a, b)[0] == verify.UNVERIFIABLE
 
 
 def test_small_or_flat_images_are_unverifiable_not_rejected() -> None:
