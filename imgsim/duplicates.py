@@ -401,10 +401,13 @@ PairVerifier = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
 
 
 def verify_here(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The in-process `PairVerifier` (images read with `imgsim.sources.read_bytes`, local or S3)."""
+    """The in-process `PairVerifier` (images read with `imgsim.sources.read_bytes`, local or S3), with a
+    progress bar."""
+    from imgsim.progress import bar
     from imgsim.sources import read_bytes
 
-    return verification.verify_pairs(paths, a, b, read_bytes)[0]
+    with bar(len(a), "verify candidate pairs", "pairs") as progress:
+        return verification.verify_pairs(paths, a, b, read_bytes, on_chunk=progress.update)[0]
 
 
 def verify_node_pairs(

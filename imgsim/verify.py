@@ -53,7 +53,7 @@ RATIO = 0.9
 RANSAC_PX = 4.0
 FEATURES = 1000
 #: Pairs verified per chunk, and images whose features stay cached between chunks.
-CHUNK_PAIRS = 1024
+CHUNK_PAIRS = 256
 CACHED_IMAGES = 4096
 #: A version of the method, stored with the pairs it judged: a change makes them judged again.
 VERSION = 2
@@ -232,13 +232,15 @@ def verify_pairs(
     read: Callable[[str], bytes],
     *,
     threads: int | None = None,
+    on_chunk: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(status, inliers) per pair of row numbers (`a[i]`, `b[i]`) into `paths`: status VERIFIED,
     REJECTED or UNVERIFIABLE (see the module docstring). `read(path)` gives an image's bytes.
 
     Pairs are taken in chunks of `CHUNK_PAIRS`; the features of a chunk's images are computed, and its
     pairs judged, on `threads` threads (OpenCV releases the GIL); the last `CACHED_IMAGES` images'
-    features are kept (~90 KB each), so memory stays bounded however many pairs there are."""
+    features are kept (~90 KB each), so memory stays bounded however many pairs there are.
+    `on_chunk(n)` is called as each chunk of n pairs is judged (a progress bar's update)."""
     status = np.full(len(a), UNVERIFIABLE, np.int8)
     counts = np.zeros(len(a), np.int32)
     cache: OrderedDict[int, Features | None] = OrderedDict()
@@ -253,6 +255,8 @@ def verify_pairs(
             pairs = [(i, fx, fy) for i, fx, fy in pairs if fx is not None and fy is not None]
             for (i, _, _), verdict in zip(pairs, pool.map(lambda p: judge(p[1], p[2]), pairs), strict=True):
                 status[i], counts[i] = verdict
+            if on_chunk is not None:
+                on_chunk(len(chunk))
             for row in rows:
                 cache.move_to_end(row)
             while len(cache) > CACHED_IMAGES:

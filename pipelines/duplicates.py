@@ -26,7 +26,7 @@ from imgsim.runs import RunPaths
 from imgsim.search import Searcher
 from pipelines.evaluate import copy_runner
 
-#: More candidate pairs than this are verified as Ray tasks (about 10 ms a pair on one core).
+#: More candidate pairs than this are verified as Ray tasks (10-40 ms a pair on one core: see imgsim.verify).
 IN_PROCESS_MAX_PAIRS = 20_000
 #: Pairs per Ray task.
 PAIRS_PER_TASK = 5_000

@@ -154,6 +154,22 @@ def test_verify_pairs_reads_each_image_and_keeps_the_order(tmp_path: Path) -> No
     assert sorted(reads) == sorted(paths)  # each image read once
 
 
+def test_in_process_verification_shows_its_progress(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imgsim.duplicates import verify_here
+
+    pieces = tiles(4)
+    paths = []
+    for i in range(3):
+        (tmp_path / f"t{i}.jpg").write_bytes(jpeg(pieces[i], 90))
+        paths.append(str(tmp_path / f"t{i}.jpg"))
+    monkeypatch.setattr(verify, "CHUNK_PAIRS", 1)  # one update a pair
+    status = verify_here(paths, np.array([0, 0, 1]), np.array([1, 2, 2]))
+    assert status.tolist() == [verify.REJECTED] * 3
+    assert capsys.readouterr().err.splitlines()[-1].startswith("verify candidate pairs: 3/3 pairs (100%)")
+
+
 @pytest.fixture(scope="module")
 def tile_run(
     tmp_path_factory: pytest.TempPathFactory, ray_session: None
