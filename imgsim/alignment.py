@@ -27,7 +27,7 @@ import numpy as np
 
 #: Longer side (px) of the thumbnails compared; the coarse search runs at `COARSE_SIDE`.
 SIDE = 96
-COARSE_SIDE = 48
+COARSE_SIDE = 32
 #: Share of each side that the smaller image may cover of the larger (a crop of 50-100 %).
 SHARES = np.linspace(0.5, 1.0, 11)
 #: Crops refined at `SIDE`, and the refinement's steps around each.
@@ -53,6 +53,7 @@ def thumbnail(grey: np.ndarray) -> np.ndarray:
 def settings() -> dict[str, float]:
     return {
         "dense_side": SIDE,
+        "dense_coarse_side": COARSE_SIDE,
         "dense_correlation": MIN_CORRELATION,
         "dense_gradient_correlation": MIN_GRADIENT_CORRELATION,
         "dense_distinctness": MIN_DISTINCTNESS,
