@@ -114,6 +114,8 @@ def features_of(data: bytes) -> Features | None:
             found = [None] * 4
             break
         found += [np.float32([k.pt for k in keypoints]), descriptors]
+    # no keypoints to match: a failed match proves nothing, whatever FAST found before the contrast boost
+    textured = textured and found[0] is not None
     return Features(*found, textured=textured, thumbnail=alignment.thumbnail(grey))
 
 
