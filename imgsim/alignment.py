@@ -33,12 +33,14 @@ SHARES = np.linspace(0.5, 1.0, 11)
 #: Crops refined at `SIDE`, and the refinement's steps around each.
 REFINED = 3
 REFINE_STEPS = np.linspace(-0.04, 0.04, 5)
-#: A coarse correlation below this is not refined: no refinement raises it to `MIN_CORRELATION`.
+#: A coarse correlation below this is not refined (it saved a third of the time with the same matches).
 MIN_COARSE = 0.9
 MIN_CORRELATION = 0.99
 MIN_GRADIENT_CORRELATION = 0.97
 MIN_DISTINCTNESS = 0.1
 SHIFT = 0.08
+#: Blur (px at `SIDE`) before comparing: JPEG blocks and noise out, shapes kept.
+BLUR = 1.0
 
 
 def thumbnail(grey: np.ndarray) -> np.ndarray:
@@ -73,7 +75,7 @@ def match(a: np.ndarray, b: np.ndarray) -> bool:
 
 def scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     """(grey correlation, gradient correlation, distinctness) at the crop that best aligns `a` and `b`."""
-    fine = {key: _blurred(x, SIDE) for key, x in (("a", a), ("b", b))}
+    fine = {key: _blurred(x) for key, x in (("a", a), ("b", b))}
     coarse = {key: _shrunk(x) for key, x in fine.items()}
     best = (-1.0, 0.0, 0.0)
     for big, small in (("a", "b"), ("b", "a")):
@@ -87,10 +89,10 @@ def scores(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return best
 
 
-def _blurred(x: np.ndarray, side: int) -> np.ndarray:
+def _blurred(x: np.ndarray) -> np.ndarray:
     import cv2
 
-    return cv2.GaussianBlur(x.astype(np.float32), (0, 0), side / 96)
+    return cv2.GaussianBlur(x.astype(np.float32), (0, 0), BLUR)
 
 
 def _shrunk(x: np.ndarray) -> np.ndarray:
@@ -101,7 +103,10 @@ def _shrunk(x: np.ndarray) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)  # fmt: skip
 
 
-def _template(small: np.ndarray, big_shape: tuple[int, ...], mirrored: bool, sx: float, sy: float):  # noqa: ANN202
+def _template(
+    small: np.ndarray, big_shape: tuple[int, ...], mirrored: bool, sx: float, sy: float
+) -> np.ndarray | None:
+    """`small` (mirrored or not) resized to cover `sx` x `sy` of `big_shape`; None if it would not fit."""
     import cv2
 
     w, h = round(sx * big_shape[1]), round(sy * big_shape[0])
