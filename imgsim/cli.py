@@ -195,7 +195,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     choice = p.add_argument_group(
         "what to train (default: chosen from a sample of DATA and the hardware, and printed)",
         f"Small images (median shorter side <= {SMALL_IMAGE_SIDE} px, e.g. Fashion-MNIST) get the small "
-        "32 px autoencoder trained as a denoising autoencoder. Larger images (photos) get the residual "
+        "32 px autoencoder trained as a denoising autoencoder whose embedding also learns which images "
+        "histograms of oriented gradients find close (recipe 'denoise-hog'; 'denoise' leaves that out). "
+        "Larger images (photos) get the residual "
         "encoder at 64 px on a CPU (96 px on a GPU) trained with the 'copy' recipe: the decoder "
         "reconstructs each image from edited views (crops, mirror, greyscale, colour, blur) while an "
         "invariance term pulls the views' embeddings together, so an edited copy finds its original; "
@@ -207,7 +209,12 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     choice.add_argument(
         "--arch", choices=ARCHS, default=None, help="small: 32 px conv AE; resnet: residual, GeM"
     )
-    choice.add_argument("--recipe", choices=tuple(RECIPES), default=None, help="training objective")
+    choice.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="training objective: denoise-hog (small images), denoise (pixels only), copy (photos)",
+    )
     choice.add_argument("--image-size", type=positive_int, default=None, help="images are resized to SxS")
     choice.add_argument(
         "--channels",
@@ -222,7 +229,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help=f"exactly E passes over the data (default: the recipe's length: 'copy' {RECIPES['copy'].steps} "
-        f"steps of {RECIPES['copy'].batch_size} images on a CPU, 4x on a GPU; 'denoise' {t.epochs} passes, a "
+        f"steps of {RECIPES['copy'].batch_size} images on a CPU, 4x on a GPU; 'denoise' and 'denoise-hog' {t.epochs} passes, a "
         f"small data set repeated up to {t.min_steps} steps)",
     )
     length.add_argument(

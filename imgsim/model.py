@@ -11,7 +11,9 @@ tried"), so the plain default only centres.
 Training objective (see `pipelines/train.py`): reconstruction of the clean image from a mildly
 augmented, noisy view (a denoising autoencoder), optionally plus an auxiliary contrastive term
 (InfoNCE, `--contrastive W`) that pulls together the embeddings of two augmented views of the same
-image. Both are unsupervised; the autoencoder remains the model.
+image, and optionally neighbour distillation (`imgsim.recipes`' `denoise-hog`): the embedding
+learns which images of a batch histograms of oriented gradients (`imgsim.hog`) find close. All are
+unsupervised; the autoencoder remains the model.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from imgsim import encoders
 from imgsim.atomic import atomic_write_bytes, atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
+from imgsim.hog import orientation_histograms
 from imgsim.runs import RunPaths
 
 #: "0" turns bf16 off on the CPU, "1" forces it on; unset: on where the CPU computes bf16 natively.
@@ -471,15 +474,43 @@ def fit_whitening(
     model.emb_whiten.copy_((eigvec / eigval.sqrt()).float())
 
 
+def neighbour_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1
+) -> torch.Tensor:
+    """KL(teacher || student) of each row's distribution over its neighbours in the batch.
+
+    Both sets of vectors are centred on the batch mean and compared by cosine; a row's neighbour
+    distribution is the softmax of its similarities to the other rows at `temperature`. The student
+    learns which images the teacher finds close, and how close, not the teacher's coordinates, so its
+    dimension may differ. Computed in float32 whatever the autocast.
+    """
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        s = F.normalize(student.float() - student.float().mean(0), dim=1)
+        t = F.normalize(teacher.float() - teacher.float().mean(0), dim=1)
+        self_pair = torch.eye(len(s), dtype=torch.bool, device=s.device)
+        target = (t @ t.t() / temperature).masked_fill(self_pair, float("-inf")).softmax(dim=1)
+        log_p = (s @ s.t() / temperature).masked_fill(self_pair, float("-inf")).log_softmax(dim=1)
+        # the self pair has target 0: leave it out of the sum rather than meet 0 * -inf
+        terms = torch.where(self_pair, 0.0, target * (torch.log(target.clamp(min=1e-12)) - log_p))
+        return terms.sum(dim=1).mean()
+
+
 def training_loss(
-    model: nn.Module, x_uint8: torch.Tensor, augment: Augment, nce_weight: float = 0.5
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    augment: Augment,
+    nce_weight: float = 0.5,
+    distill_weight: float = 0.0,
+    distill_temperature: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The objective: denoising reconstruction of the clean image + InfoNCE between two views.
+    """The denoising objective: reconstruct the clean image from an augmented view, plus InfoNCE
+    between two views (`nce_weight`), plus neighbour distillation from the clean images' oriented-
+    gradient histograms (`distill_weight`; `imgsim.hog`, `neighbour_distillation`).
 
     The parts are detached 0-d tensors: `float()` them only to show them (on a GPU each `float()`
     waits for the device).
 
-    Both views go through one `model(...)` call, so a DDP-wrapped model synchronises gradients.
+    All views go through one `model(...)` call, so a DDP-wrapped model synchronises gradients.
     """
     ae: AutoEncoder = getattr(model, "module", model)
     x = ae.to_float(x_uint8)
@@ -489,8 +520,17 @@ def training_loss(
     clean = x[..., :s, :s]
     if out.recon.shape[-1] != s:  # a decoder at a lower resolution ("resnet" with recon_size)
         clean = F.interpolate(clean, size=tuple(out.recon.shape[-2:]), mode="area")
-    rec_loss = F.mse_loss(out.recon, torch.cat([clean, clean]) if nce_weight > 0 else clean)
-    if nce_weight <= 0:
-        return rec_loss, {"recon": rec_loss.detach(), "nce": torch.zeros((), device=rec_loss.device)}
-    nce = info_nce(out.proj[:n], out.proj[n:])
-    return rec_loss + nce_weight * nce, {"recon": rec_loss.detach(), "nce": nce.detach()}
+    targets = torch.cat([clean, clean]) if nce_weight > 0 else clean
+    rec_loss = F.mse_loss(out.recon, targets)
+    loss, parts = rec_loss, {"recon": rec_loss.detach()}
+    zero = torch.zeros((), device=rec_loss.device)
+    parts["nce"] = zero
+    if nce_weight > 0:
+        nce = info_nce(out.proj[:n], out.proj[n:])
+        loss, parts["nce"] = loss + nce_weight * nce, nce.detach()
+    if distill_weight > 0:
+        teacher = orientation_histograms(x[..., :s, :s])
+        teacher = torch.cat([teacher, teacher]) if nce_weight > 0 else teacher
+        distill = neighbour_distillation(out.z, teacher, distill_temperature)
+        loss, parts["distill"] = loss + distill_weight * distill, distill.detach()
+    return loss, parts

@@ -17,7 +17,7 @@ import random
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,12 @@ POST_EVERY_S = 0.5  # rank 0 posts its progress (a host sync on a GPU) at most t
 def recipe_of(model: ModelConfig, nce_weight: float | None) -> Recipe:
     """The model's training recipe (`imgsim.recipes`); `nce_weight` (--contrastive) overrides the
     weight of its invariance term. Models from before recipes were recorded trained `denoise`."""
-    name = model.recipe or "denoise"
+    recipe = get_recipe(model.recipe or "denoise")
     if nce_weight is None:
-        return get_recipe(name)
+        return recipe
     # a denoising model with the contrastive term is whitened (README, "what was tried")
-    return get_recipe(
-        name, nce_weight=nce_weight, **({"whiten": nce_weight > 0} if name == "denoise" else {})
-    )
+    whiten = {"whiten": nce_weight > 0} if recipe.objective == "denoise" else {}
+    return replace(recipe, nce_weight=nce_weight, **whiten)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -308,7 +307,7 @@ def plan_training(
 
     Length: `epochs` E means exactly E passes over the data; `steps` N about N optimiser steps in
     all, in DEFAULTS.train.epochs epochs (one checkpoint each). Neither: the recipe's default,
-    `copy`'s step count (the 10-minute CPU budget; 4x on a GPU), or for `denoise`
+    `copy`'s step count (the 10-minute CPU budget; 4x on a GPU), or for the `denoise` objectives
     DEFAULTS.train.epochs passes with a small data set repeated within each epoch up to `min_steps`
     steps (8 passes over 2,000 images are 60 steps, far too few to learn anything).
     """
@@ -339,7 +338,7 @@ def plan_training(
     steps_per_pass = max(1, len(refs) // batch_size)
     if epochs is not None:
         repeats, steps_per_epoch = 1, steps_per_pass
-    elif steps is not None or model.recipe != "denoise":
+    elif steps is not None or get_recipe(model.recipe or "denoise").objective != "denoise":
         epochs = min(DEFAULTS.train.epochs, steps or choice.steps)
         steps_per_epoch = math.ceil((steps or choice.steps) / epochs)
         repeats = math.ceil(steps_per_epoch / steps_per_pass)

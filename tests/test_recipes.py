@@ -124,7 +124,7 @@ def test_copy_augment_keeps_range_and_makes_grey_and_mirrored_views() -> None:
 
 def test_choose_picks_from_the_data_and_says_why() -> None:
     small = choose([(28, 28)] * 10, channels=1)
-    assert (small.arch, small.image_size, small.recipe) == ("small", 32, "denoise")
+    assert (small.arch, small.image_size, small.recipe) == ("small", 32, "denoise-hog")
     assert "small images" in small.reason
     photos = choose([(1024, 768)] * 10, channels=3)
     assert (photos.arch, photos.recipe) == ("resnet", "copy") and photos.image_size == 64
@@ -135,7 +135,7 @@ def test_choose_picks_from_the_data_and_says_why() -> None:
     config = photos.model_config()
     assert config.arch == "resnet" and config.recipe == "copy" and config.channels == 3
     assert config.mirror_symmetric and not small.model_config().mirror_symmetric
-    assert set(RECIPES) >= {"denoise", "copy"}
+    assert set(RECIPES) >= {"denoise", "denoise-hog", "copy"}
 
 
 def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) -> None:
@@ -170,11 +170,17 @@ def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) ->
     assert p.batch_size == 12  # 12 images: the batch is capped
     assert "median shorter side 96 px" in p.reason
     g = plan(grey)
-    assert (g.model.arch, g.model.recipe, g.model.image_size, g.model.channels) == ("small", "denoise", 32, 1)
+    assert (g.model.arch, g.model.recipe, g.model.image_size, g.model.channels) == (
+        "small",
+        "denoise-hog",
+        32,
+        1,
+    )
+    assert g.repeats > 1  # the denoising objectives' rule: a small data set is repeated within each epoch
     assert g.decode_size == 32 and "small images" in g.reason
     # flags win, and say so
     forced = plan(photos, arch="small", dim=16, steps=40)
-    assert (forced.model.arch, forced.model.recipe, forced.model.dim) == ("small", "denoise", 16)
+    assert (forced.model.arch, forced.model.recipe, forced.model.dim) == ("small", "denoise-hog", 16)
     assert forced.epochs * forced.steps_per_epoch == 40 and "--arch small" in forced.reason
     exact = plan_training(
         RunPaths(tmp_path / "run"), list_images(str(photos)), resume=False, epochs=3, batch_size=4
