@@ -193,6 +193,28 @@ def handmade_metrics(data: Path, k: int = 10) -> dict:
     return retrieval_metrics(q, q_labels, db, db_labels, k=k, metric="cosine")
 
 
+def hog_metrics(run: Path, data: Path, k: int = 10) -> dict:
+    """Histograms of oriented gradients (`imgsim.hog`, the `denoise-hog` recipe's teacher) at the
+    model's input size, centred on the database mean, cosine KNN."""
+    import torch
+
+    from imgsim.hog import orientation_histograms
+
+    config = model_lib.load(run).config
+
+    def features(root: Path) -> tuple[np.ndarray, list[str | None]]:
+        flat, labels = decode_folder(root, config.image_size, config.channels)
+        images = torch.from_numpy(
+            flat.reshape(len(flat), config.channels, config.image_size, config.image_size)
+        )
+        return orientation_histograms(images).numpy(), labels
+
+    db, db_labels = features(data / "train")
+    q, q_labels = features(data / "test")
+    mean = db.mean(axis=0)
+    return retrieval_metrics(q - mean, q_labels, db - mean, db_labels, k=k, metric="cosine")
+
+
 def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: list[str]) -> dict:
     """Train, index and evaluate `data` with the CLI's defaults; the raw-pixel baseline beside it."""
     run = runs / name
@@ -212,6 +234,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
     ae = imgsim("eval", "--model", str(run), "--queries", str(data / "test"))
     raw = raw_pixel_metrics(run, data)
     hand = handmade_metrics(data)
+    hog = hog_metrics(run, data)
     assert (raw["database"], raw["queries"]) == (ae["database"], ae["queries"]), (raw, ae)
     return {
         "data set": name,
@@ -224,6 +247,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
         "P@10 autoencoder": ae["precision_at_k"],
         "P@10 raw pixels": raw["precision_at_k"],
         "P@10 hand-made": hand["precision_at_k"],
+        "P@10 oriented gradients": hog["precision_at_k"],
         "ratio": ae["precision_at_k"] / raw["precision_at_k"],
         "train s": train_s,
     }

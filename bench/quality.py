@@ -6,6 +6,8 @@ This is how the defaults were chosen; `imgsim train` + `imgsim eval` give the of
     python -m bench.quality --minutes 4              # the defaults' recipe
     python -m bench.quality --minutes 4 --nce 0.5    # with the contrastive term
     python -m bench.quality --steps 1875,3750        # `imgsim train`'s choice and recipe, N steps each
+    python -m bench.quality --steps 1875 --recipes denoise,denoise-hog   # recipes alternated, same seed
+    python -m bench.quality --baselines-only         # raw pixels, hand-made 8x8, oriented gradients
 
 `--steps` trains what `imgsim train` picks for Fashion-MNIST (`imgsim.recipes.choose`) with
 `bench.inproc.train` (the Ray Train loop's calls, in bf16 where the CPU has it) for each step count.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from imgsim.config import DEFAULTS
 from imgsim.datasets import find_fashion_mnist, read_idx
+from imgsim.hog import orientation_histograms
 from imgsim.model import Augment, AutoEncoder, ModelConfig, training_loss
 
 
@@ -60,9 +63,15 @@ def main() -> None:
     p.add_argument("--aug-shift", type=float, default=Augment.max_shift)
     p.add_argument("--baselines-only", action="store_true", help="raw pixels and the hand-made descriptor")
     p.add_argument("--steps", default="", help="comma-separated step counts: the default recipe, in-process")
+    p.add_argument(
+        "--recipes",
+        default="",
+        help="with --steps: comma-separated recipes, alternated (default: the chosen one)",
+    )
     a = p.parse_args()
     if a.steps:
-        return default_recipe_steps([int(s) for s in a.steps.split(",")], a.threads)
+        recipes = a.recipes.split(",") if a.recipes else None
+        return default_recipe_steps([int(s) for s in a.steps.split(",")], a.threads, recipes)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     xtr, ytr = load_split("train", a.size)
@@ -76,8 +85,14 @@ def main() -> None:
     from bench.copydetect import handmade  # greyscale, mirror-symmetrised, standardised 8x8 pixels
 
     hand = precision_at_k(handmade(xte.numpy()), yte, handmade(xtr.numpy()), ytr)
+    hog_db = torch.cat([orientation_histograms(xtr[i : i + 4096]) for i in range(0, len(xtr), 4096)])
+    hog_mean = hog_db.mean(0)
+    hog = precision_at_k(
+        (orientation_histograms(xte) - hog_mean).numpy(), yte, (hog_db - hog_mean).numpy(), ytr
+    )
     print(
-        f"BASELINES size={a.size}: raw pixels (centred, cosine) P@10 {raw:.4f}; hand-made 8x8 P@10 {hand:.4f}"
+        f"BASELINES size={a.size}: raw pixels (centred, cosine) P@10 {raw:.4f}; hand-made 8x8 P@10 {hand:.4f}; "
+        f"oriented gradients ({hog_db.shape[1]}-d, centred, cosine) P@10 {hog:.4f}"
     )
     if a.baselines_only:
         return
@@ -129,8 +144,9 @@ def main() -> None:
     )
 
 
-def default_recipe_steps(steps: list[int], threads: int) -> None:
-    """P@10 of `imgsim train`'s default choice for Fashion-MNIST after each number of steps."""
+def default_recipe_steps(steps: list[int], threads: int, recipes: list[str] | None = None) -> None:
+    """P@10 of `imgsim train`'s default choice for Fashion-MNIST after each number of steps, with its
+    recipe or each of `recipes` in turn (same seed)."""
     from bench.inproc import train
     from imgsim.recipes import RECIPES, choose
 
@@ -139,17 +155,19 @@ def default_recipe_steps(steps: list[int], threads: int) -> None:
     xte, yte = load_split("test", 32)
     choice = choose([(28, 28)] * 20, 1)
     for n in steps:
-        started = time.perf_counter()
-        model, _ = train(xtr, choice.model_config(), RECIPES[choice.recipe], steps=n, log_every=0)
-        train_s = time.perf_counter() - started
-        model.eval()
-        with torch.no_grad():
-            p10 = precision_at_k(model.embed(xte), yte, model.embed(xtr), ytr)
-        epochs = n * RECIPES[choice.recipe].batch_size / len(xtr)
-        print(
-            f"RESULT {choice.recipe} {n} steps ({epochs:.1f} epochs) in {train_s:.0f} s -> P@10 {p10:.4f}",
-            flush=True,
-        )
+        for name in recipes or [choice.recipe]:
+            started = time.perf_counter()
+            config = choice.model_config(recipe=name)
+            model, _ = train(xtr, config, RECIPES[name], steps=n, log_every=0)
+            train_s = time.perf_counter() - started
+            model.eval()
+            with torch.no_grad():
+                p10 = precision_at_k(model.embed(xte), yte, model.embed(xtr), ytr)
+            epochs = n * RECIPES[name].batch_size / len(xtr)
+            print(
+                f"RESULT {name} {n} steps ({epochs:.1f} epochs) in {train_s:.0f} s -> P@10 {p10:.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,11 @@ def orientation_histograms(
 
     Each side is split into `cells` equal cells (the remainder of a side that does not divide is
     left out). Rows are non-negative; before the square root they had unit L2 norm."""
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _histograms(x.float() / 255.0 if x.dtype == torch.uint8 else x.float(), cells, bins, sigma)
+
+
+def _histograms(x: torch.Tensor, cells: int, bins: int, sigma: float) -> torch.Tensor:
     grey = x.mean(dim=1, keepdim=True)
     if sigma > 0:
         grey = _blur(grey, sigma)

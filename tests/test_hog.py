@@ -48,6 +48,14 @@ def test_a_mirror_image_mirrors_the_cells_and_the_orientations() -> None:
     assert not torch.allclose(mirrored, h, atol=1e-2)
 
 
+def test_the_teacher_is_float32_inside_bf16_autocast() -> None:
+    # the training loop computes the loss under autocast; the descriptor must not change with it
+    x = torch.rand(4, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = orientation_histograms(x)
+    assert inside.dtype == torch.float32 and torch.equal(inside, orientation_histograms(x))
+
+
 def test_other_image_sizes_keep_the_grid_of_cells() -> None:
     assert orientation_histograms(torch.rand(2, 3, 64, 64)).shape == (2, CELLS * CELLS * BINS)
     assert orientation_histograms(torch.rand(2, 1, 28, 28)).shape == (2, CELLS * CELLS * BINS)
