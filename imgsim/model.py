@@ -474,6 +474,11 @@ def fit_whitening(
     model.emb_whiten.copy_((eigvec / eigval.sqrt()).float())
 
 
+#: Neighbour distillation needs this many images in a (per-worker) batch: with a handful, centring
+#: on the batch mean and a softmax over 3 or 4 neighbours swing the term by 10x from step to step.
+MIN_DISTILL_BATCH = 32
+
+
 def neighbour_distillation(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1
 ) -> torch.Tensor:
@@ -505,7 +510,8 @@ def training_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The denoising objective: reconstruct the clean image from an augmented view, plus InfoNCE
     between two views (`nce_weight`), plus neighbour distillation from the clean images' oriented-
-    gradient histograms (`distill_weight`; `imgsim.hog`, `neighbour_distillation`).
+    gradient histograms (`distill_weight`; `imgsim.hog`, `neighbour_distillation`; left out of
+    batches under MIN_DISTILL_BATCH images, so tiny data sets train as plain `denoise`).
 
     The parts are detached 0-d tensors: `float()` them only to show them (on a GPU each `float()`
     waits for the device).
@@ -522,13 +528,11 @@ def training_loss(
         clean = F.interpolate(clean, size=tuple(out.recon.shape[-2:]), mode="area")
     targets = torch.cat([clean, clean]) if nce_weight > 0 else clean
     rec_loss = F.mse_loss(out.recon, targets)
-    loss, parts = rec_loss, {"recon": rec_loss.detach()}
-    zero = torch.zeros((), device=rec_loss.device)
-    parts["nce"] = zero
+    loss, parts = rec_loss, {"recon": rec_loss.detach(), "nce": torch.zeros((), device=rec_loss.device)}
     if nce_weight > 0:
         nce = info_nce(out.proj[:n], out.proj[n:])
         loss, parts["nce"] = loss + nce_weight * nce, nce.detach()
-    if distill_weight > 0:
+    if distill_weight > 0 and n >= MIN_DISTILL_BATCH:
         teacher = orientation_histograms(x[..., :s, :s])
         teacher = torch.cat([teacher, teacher]) if nce_weight > 0 else teacher
         distill = neighbour_distillation(out.z, teacher, distill_temperature)

@@ -134,11 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             if rank == 0 and steps % config["log_every"] == 0:  # to the worker's log file
                 rate = seen * world / (time.perf_counter() - started)
-                terms = (
-                    f" (recon {float(parts['recon']):.4f}, nce {float(parts['nce']):.3f})"
-                    if recipe.nce_weight > 0
-                    else ""
-                )
+                # the loss's terms (recon, nce, distill) when it has more than one
+                shown = {k: float(v) for k, v in parts.items() if k != "nce" or recipe.nce_weight > 0}
+                terms = f" ({', '.join(f'{k} {v:.4f}' for k, v in shown.items())})" if len(shown) > 1 else ""
                 log(
                     f"[train] epoch {epoch + 1}/{config['epochs']} step {steps}/{config['steps_per_epoch']} "
                     f"loss {float(loss_sum) / steps:.4f}{terms} {rate:.0f} img/s"
@@ -651,6 +649,13 @@ def _log_plan(plan: TrainPlan, images: int, workers: int, use_gpu: bool, paths: 
         f"{sum(p.numel() for p in model.parameters()):,} parameters"
     )
     debug(f"train: {model_lib.describe(model)}; checkpoints in {paths.checkpoints_dir / plan.run_name}")
+    per_worker = plan.batch_size // workers
+    if plan.recipe.distill_weight > 0 and per_worker < model_lib.MIN_DISTILL_BATCH:
+        log(
+            f"train: batches of {per_worker} images per worker are too few to rank neighbours, so the "
+            f"oriented-gradient distillation is left out (it needs {model_lib.MIN_DISTILL_BATCH}); "
+            "this trains as plain denoise"
+        )
     if plan.repeats > 1 and not plan.resumed:
         log(
             f"train: a small data set, so each epoch passes over it {plan.repeats} times "

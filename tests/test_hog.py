@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imgsim.hog import BINS, CELLS, orientation_histograms
-from imgsim.model import AutoEncoder, ModelConfig, neighbour_distillation
+from imgsim.model import MIN_DISTILL_BATCH, AutoEncoder, ModelConfig, neighbour_distillation
 from imgsim.recipes import get_recipe
 
 
@@ -73,6 +73,14 @@ def test_neighbour_distillation_is_least_when_the_student_ranks_like_the_teacher
     student = shuffled.clone().requires_grad_(True)
     neighbour_distillation(student, teacher).backward()
     assert student.grad is not None and float(student.grad.abs().sum()) > 0
+
+
+def test_batches_too_small_to_rank_neighbours_train_without_the_distillation() -> None:
+    model = AutoEncoder(ModelConfig(image_size=16, channels=1, dim=8, widths=(8, 16)))
+    recipe = get_recipe("denoise-hog")
+    _, tiny = recipe.loss(model, torch.randint(0, 256, (MIN_DISTILL_BATCH - 1, 1, 16, 16), dtype=torch.uint8))
+    _, enough = recipe.loss(model, torch.randint(0, 256, (MIN_DISTILL_BATCH, 1, 16, 16), dtype=torch.uint8))
+    assert "distill" not in tiny and float(enough["distill"]) > 0
 
 
 def stripes(orientation: str, seed: int, size: int = 32) -> np.ndarray:
