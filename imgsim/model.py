@@ -492,12 +492,12 @@ def neighbour_distillation(
     with torch.autocast(device_type=student.device.type, enabled=False):
         s = F.normalize(student.float() - student.float().mean(0), dim=1)
         t = F.normalize(teacher.float() - teacher.float().mean(0), dim=1)
+        # a row is not its own neighbour: -1e9 (not -inf, which would meet 0 * -inf in the KL)
+        # gives the self pair a target of exactly 0
         self_pair = torch.eye(len(s), dtype=torch.bool, device=s.device)
-        target = (t @ t.t() / temperature).masked_fill(self_pair, float("-inf")).softmax(dim=1)
-        log_p = (s @ s.t() / temperature).masked_fill(self_pair, float("-inf")).log_softmax(dim=1)
-        # the self pair has target 0: leave it out of the sum rather than meet 0 * -inf
-        terms = torch.where(self_pair, 0.0, target * (torch.log(target.clamp(min=1e-12)) - log_p))
-        return terms.sum(dim=1).mean()
+        target = (t @ t.t() / temperature).masked_fill(self_pair, -1e9).softmax(dim=1)
+        log_p = (s @ s.t() / temperature).masked_fill(self_pair, -1e9).log_softmax(dim=1)
+        return F.kl_div(log_p, target, reduction="batchmean")
 
 
 def training_loss(

@@ -336,7 +336,7 @@ def plan_training(
     steps_per_pass = max(1, len(refs) // batch_size)
     if epochs is not None:
         repeats, steps_per_epoch = 1, steps_per_pass
-    elif steps is not None or get_recipe(model.recipe or "denoise").objective != "denoise":
+    elif steps is not None or recipe_of(model, None).objective != "denoise":
         epochs = min(DEFAULTS.train.epochs, steps or choice.steps)
         steps_per_epoch = math.ceil((steps or choice.steps) / epochs)
         repeats = math.ceil(steps_per_epoch / steps_per_pass)
