@@ -1,6 +1,6 @@
 """bf16 on the CPU against float32, in the same run: embedding cost, training step, agreement.
 
-`imgsim.model.uses_bf16` turns bf16 autocast and channels_last on for CPUs with native bf16 (AVX-512
+`imgsim.models.autoencoder.uses_bf16` turns bf16 autocast and channels_last on for CPUs with native bf16 (AVX-512
 BF16 / AMX). This measures what that buys on this machine for both model families as `imgsim train`
 chooses them (small/denoise for 28 px greyscale, resnet/copy for photos), alternating the two
 precisions round by round on the same inputs, and how far apart the two embeddings of one image are:
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgsim import model as model_lib
-from imgsim.model import AutoEncoder
-from imgsim.recipes import choose, get_recipe
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.autoencoder import AutoEncoder
+from imgsim.training.recipes import choose, get_recipe
 
 FAMILIES = {"small (28 px greyscale)": ([(28, 28)] * 8, 1), "resnet (photos)": ([(512, 512)] * 8, 3)}
 
@@ -112,7 +112,10 @@ def main() -> None:
                 flush=True,
             )
     if not native:
-        print("this CPU has no native bf16: imgsim keeps float32 here (imgsim.model.uses_bf16)", flush=True)
+        print(
+            "this CPU has no native bf16: imgsim keeps float32 here (imgsim.models.autoencoder.uses_bf16)",
+            flush=True,
+        )
     if args.json:
         print(json.dumps(out))
 

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:
-    from imgsim.sources import ImageRef
+    from imgsim.data.sources import ImageRef
 
 CLASSES = ("gradients", "circles", "stripes", "blocks")
 
@@ -61,7 +61,7 @@ def jpeg_refs(out_dir: str, n: int) -> list[ImageRef]:
     """ImageRefs (path + class label) of the first `n` images `make_jpegs` generates in `out_dir`,
     generating any that are missing: the same set whatever else the folder holds (a run with a
     larger n adds files, which would otherwise change what a smaller n measures)."""
-    from imgsim.sources import list_images
+    from imgsim.data.sources import list_images
 
     wanted = {str(p) for p in make_jpegs(out_dir, n)}
     refs = [r for r in list_images(str(out_dir)) if r.path in wanted]

@@ -3,7 +3,7 @@
 Data (`bench.photo_tiles`, cached under /work/cache/photos, never in git): 512x512 textured photo
 tiles in two splits by source photo (`main`, for tuning; `heldout`, other photos) and as many
 smooth-gradient tiles (hard negatives). Every tile is indexed once. Queries are edited copies made
-by `imgsim.edits` (seeded, so every run sees the same copies):
+by `imgsim.evaluation.edits` (seeded, so every run sees the same copies):
 
 - `mix` (the issue-12 protocol) of every tile: the headline P@1;
 - each single edit (crop, rescale, colour, mirror, greyscale, JPEG) and each held-out edit (rotate,
@@ -13,7 +13,7 @@ by `imgsim.edits` (seeded, so every run sees the same copies):
 
 Every embedding is scored the same way: cosine similarity, P@1 = share of queries whose nearest
 indexed tile is their original, recall@10 likewise within the first ten. Baselines measured in the
-same run: raw pixels through the same preprocessing (`imgsim.decode` at the model's size, centred
+same run: raw pixels through the same preprocessing (`imgsim.data.decode` at the model's size, centred
 on the database mean) and the hand-made invariant descriptor (greyscale, mirror-symmetrised,
 per-image standardised 8x8 pixels).
 
@@ -21,7 +21,7 @@ per-image standardised 8x8 pixels).
     nice -n 10 .venv/bin/python -m bench.copydetect --run RUN          # a trained imgsim run
     nice -n 10 .venv/bin/python -m bench.copydetect --recipe auto --minutes 10 --json out.json
 
-`--recipe` trains in-process (no Ray) with the library's recipe (`imgsim.recipes`) on the set's
+`--recipe` trains in-process (no Ray) with the library's recipe (`imgsim.training.recipes`) on the set's
 own tiles, as `imgsim train` would on that collection, then scores the model.
 """
 
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import photo_tiles
-from imgsim.decode import decode_image
-from imgsim.edits import EDITS, HELD_OUT_EDITS, copy_rng, edit_bytes
+from imgsim.data.decode import decode_image
+from imgsim.evaluation.edits import EDITS, HELD_OUT_EDITS, copy_rng, edit_bytes
 
 CACHE = Path("/work/cache/photos")
 SUBSET = 400  # tiles per single-edit query set (a fixed random subset)
@@ -85,7 +85,7 @@ def _pool_map(fn: Callable, jobs: list) -> np.ndarray:
 
 
 def originals(root: Path, split: str, size: int, channels: int) -> np.ndarray:
-    """uint8 (N, C, S, S): every tile of `split` through `imgsim.decode.decode_image`."""
+    """uint8 (N, C, S, S): every tile of `split` through `imgsim.data.decode.decode_image`."""
     paths = tile_paths(root, split)
     return _cached(
         root / "decoded" / f"{split}-{size}c{channels}.npy",
@@ -271,8 +271,8 @@ def run_recipe(a: argparse.Namespace, sets: tuple[str, ...]) -> dict[str, dict]:
     from dataclasses import replace
 
     from bench import inproc
-    from imgsim.model import ModelConfig
-    from imgsim.recipes import get_recipe
+    from imgsim.models.autoencoder import ModelConfig
+    from imgsim.training.recipes import get_recipe
 
     overrides, aug = _parse_overrides(a.set)
     recipe = get_recipe(a.recipe, **overrides)
@@ -311,7 +311,7 @@ def run_recipe(a: argparse.Namespace, sets: tuple[str, ...]) -> dict[str, dict]:
             )
             print(f"[copydetect] {stats}", file=sys.stderr)
             if a.save:
-                from imgsim import model as model_lib
+                from imgsim.models import autoencoder as model_lib
 
                 model_lib.save(model, a.save / train_on, extra={"train": stats, "recipe": recipe.to_dict()})
             models[train_on] = (model, stats)
@@ -336,7 +336,9 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--no-baselines", action="store_true")
-    p.add_argument("--recipe", help="train in-process with this imgsim.recipes recipe on the main tiles")
+    p.add_argument(
+        "--recipe", help="train in-process with this imgsim.training.recipes recipe on the main tiles"
+    )
     p.add_argument("--arch", default="resnet")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--dim", type=int, default=128)
@@ -367,7 +369,7 @@ def main() -> None:
     if a.recipe:
         rows |= run_recipe(a, sets)
     if not a.baselines_only:
-        from imgsim import model as model_lib
+        from imgsim.models import autoencoder as model_lib
 
         for run in a.run:
             m = model_lib.load(run)
@@ -378,7 +380,7 @@ def main() -> None:
                 from dataclasses import replace
 
                 m.config = replace(m.config, mirror_symmetric=True)
-                from imgsim.recipes import get_recipe
+                from imgsim.training.recipes import get_recipe
 
                 db = torch.from_numpy(originals(a.root, "main", m.config.image_size, m.config.channels))
                 get_recipe(m.config.recipe or "copy").fit_embedding(

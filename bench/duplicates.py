@@ -1,13 +1,13 @@
 """Duplicates at scale and on real photos (issue 13's targets), each figure measured in this run.
 
 - scale: N (default 1M) 64-d embeddings with planted duplicate groups, grouped by
-  `imgsim.duplicates.group_embeddings` on an IVF `KnnIndex` (range search, complete linkage): seconds
+  `imgsim.duplicates.groups.group_embeddings` on an IVF `KnnIndex` (range search, complete linkage): seconds
   (index build and grouping), the process's peak RSS, and pair precision / recall against the planted
   groups. The background is clustered (a mixture of 2,000 directions), so the index partitions are
   uneven and neighbours are near, as in real collections; every planted group's members lie within a
   quarter of the threshold of its base vector, and the threshold is fixed (this part measures scale).
 - photos: textured 256 px tiles of real photos (the wallpapers and sample photos bench/generality.py
-  finds offline), non-overlapping, so no tile is a crop of another; a share of them gets planted edited copies (`imgsim.edits`: `mix` and single trained
+  finds offline), non-overlapping, so no tile is a crop of another; a share of them gets planted edited copies (`imgsim.evaluation.edits`: `mix` and single trained
   edits). The real pipeline runs with defaults: `imgsim train`, `imgsim index`, then `imgsim
   duplicates` with its default calibrated threshold; pair precision / recall of the groups against
   the planted pairs (a pair of byte-identical tiles, should any exist, counts as planted too).
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imgsim.duplicates import group_embeddings
-from imgsim.index import KnnIndex
+from imgsim.duplicates.groups import group_embeddings
+from imgsim.index.knn import KnnIndex
 
 
 # -- pair scoring ------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def photo_tiles(out: Path, tile: int, seed: int) -> list[Path]:
 def plant_copies(tiles: list[Path], out: Path, share: float, seed: int) -> list[list[Path]]:
     """Copies of a `share` of the tiles into `out`: a `mix` copy each, and for a third of them a second
     copy under one single trained edit; the planted groups (original first)."""
-    from imgsim.edits import TRAINED_EDITS, edit_bytes
+    from imgsim.evaluation.edits import TRAINED_EDITS, edit_bytes
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def threshold_sweep(run: Path, ids: dict[str, int], planted: list[np.ndarray]) -
     """What the run's embedding allows at any threshold: the same grouping (exact index over the
     run's embeddings, byte-identical files together) at 60 thresholds; the best recall with pair
     precision >= 0.95 and the best precision with recall >= 0.90."""
-    from imgsim.duplicates import Collection
+    from imgsim.duplicates.groups import Collection
 
     collection = Collection.read(run)
     rows = np.array([ids[p] for p in collection.paths])

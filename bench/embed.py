@@ -35,9 +35,9 @@ import ray
 import torch
 
 from bench.common import jpeg_refs, report, timed
-from imgsim import model as model_lib
-from imgsim.decode import decode_image
-from imgsim.model import AutoEncoder, ModelConfig
+from imgsim.data.decode import decode_image
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.autoencoder import AutoEncoder, ModelConfig
 from pipelines.embed import embed_images
 from pipelines.runtime import ensure_ray, worker_env
 

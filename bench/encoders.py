@@ -2,10 +2,10 @@
 (`pipelines.embed.embed_images`: read, decode, embed in the actor pool) on the same JPEGs.
 
 Models, all at the same input (3 x S x S):
-- the autoencoder as `imgsim train` saves it (`imgsim.model.save`; weights do not change its cost) —
+- the autoencoder as `imgsim train` saves it (`imgsim.models.autoencoder.save`; weights do not change its cost) —
   the baseline;
 - the same encoder exported with TorchScript (trace) and with torch.export (.pt2), then imported
-  with `imgsim.encoders.import_encoder`: the cost of the import path itself;
+  with `imgsim.models.encoders.import_encoder`: the cost of the import path itself;
 - a small CNN (four 3x3 convs, global average pool, linear; about the autoencoder's encoder size)
   imported as TorchScript and as a .pt2, normalised with ImageNet's mean/std.
 
@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from bench.common import jpeg_refs, report
-from imgsim import model as model_lib
-from imgsim.encoders import import_encoder
-from imgsim.model import AutoEncoder, ModelConfig
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.autoencoder import AutoEncoder, ModelConfig
+from imgsim.models.encoders import import_encoder
 from pipelines.embed import embed_images
 from pipelines.runtime import ensure_ray
 
@@ -78,8 +78,8 @@ def make_runs(tmp: Path, size: int) -> dict[str, Path]:
     """Run directories with each model; the autoencoder's first (the baseline)."""
     torch.manual_seed(0)
     ae = AutoEncoder(ModelConfig(image_size=size, channels=3))
-    runs = {"trained autoencoder (imgsim.model)": tmp / "ae"}
-    model_lib.save(ae, runs["trained autoencoder (imgsim.model)"])
+    runs = {"trained autoencoder (imgsim.models.autoencoder)": tmp / "ae"}
+    model_lib.save(ae, runs["trained autoencoder (imgsim.models.autoencoder)"])
     cnn = small_cnn()
     for label, module, norm in (
         ("the same encoder, imported", AutoEncoderEncoder(ae), {}),

@@ -688,7 +688,7 @@ def disk_full(work: Path, n: int = 6000) -> Row:
             answer_before = ask()
             # room for the staged embeddings (n rows of 4·dim bytes + ~120 of path and metadata)
             # but not for the new index written beside the old one (over twice that)
-            from imgsim import model as model_lib
+            from imgsim.models import autoencoder as model_lib
 
             dim = model_lib.load(run).config.dim
             filler = fill(mount, leave_bytes=int(n * (4 * dim + 120) * 1.3))
@@ -698,7 +698,7 @@ def disk_full(work: Path, n: int = 6000) -> Row:
             stderr_lines = [line for line in done.stderr.splitlines() if line.startswith("imgsim: error")]
             answer_after = ask()
         intact = _tree_digest(run / "model") == model_before and _tree_digest(run / "index") == index_before
-        from imgsim.search import Searcher
+        from imgsim.index.search import Searcher
 
         reload_ok = Searcher.load(run).search(query, k=5)["results"][0]["path"] == answer_before[0]
         filler.unlink()

@@ -3,7 +3,7 @@
 Two labelled folders are built from material that installs offline, then each one goes through the
 real CLI with its defaults (`imgsim train DATA/train --out RUN`, `imgsim index DATA/train --model
 RUN`, `imgsim eval --model RUN --queries DATA/test --json`). The baseline, measured in the same run,
-is raw pixels through the same preprocessing (`imgsim.decode` at the model's size and channels),
+is raw pixels through the same preprocessing (`imgsim.data.decode` at the model's size and channels),
 centred on the database mean, searched by cosine and scored by the same `retrieval_metrics`.
 
 - clipart: Oxygen icons (`apt-get install -y oxygen-icon-theme`), PNGs at 32-256 px, labelled by
@@ -39,10 +39,10 @@ import numpy as np
 import sklearn
 from PIL import Image, ImageEnhance, ImageOps
 
-from imgsim import model as model_lib
-from imgsim.decode import try_decode
-from imgsim.evaluate import retrieval_metrics
-from imgsim.sources import list_images, read_bytes
+from imgsim.data.decode import try_decode
+from imgsim.data.sources import list_images, read_bytes
+from imgsim.evaluation.metrics import retrieval_metrics
+from imgsim.models import autoencoder as model_lib
 
 ICON_ROOT = Path("/usr/share/icons/oxygen/base")
 ICON_CONTEXTS = ("actions", "apps", "devices", "mimetypes", "places", "status")
@@ -171,12 +171,12 @@ def decode_folder(root: Path, image_size: int, channels: int) -> tuple[np.ndarra
 
 
 def model_size_baselines(run: Path, data: Path, k: int = 10) -> tuple[dict, dict]:
-    """Two baselines on the model's preprocessing (`imgsim.decode` at its size and channels), each
+    """Two baselines on the model's preprocessing (`imgsim.data.decode` at its size and channels), each
     centred on the database mean and searched by cosine: raw pixels, and histograms of oriented
-    gradients (`imgsim.hog`, the `denoise-hog` recipe's teacher). Each folder is decoded once."""
+    gradients (`imgsim.models.hog`, the `denoise-hog` recipe's teacher). Each folder is decoded once."""
     import torch
 
-    from imgsim.hog import orientation_histograms
+    from imgsim.models.hog import orientation_histograms
 
     config = model_lib.load(run).config
     db, db_labels = decode_folder(data / "train", config.image_size, config.channels)

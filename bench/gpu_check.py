@@ -69,7 +69,7 @@ LOOPBACK_GLOO = {"GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"
 
 #: The train workers' own lines (in their logs; on the console with `--verbose`, which the check passes).
 EPOCH_LINE = re.compile(r"\[train\] epoch (\d+)/(\d+) (step|done)")
-#: The embedding stage's summary line (imgsim.progress): images, time, images per second.
+#: The embedding stage's summary line (imgsim.console.progress): images, time, images per second.
 EMBED_SUMMARY = re.compile(r"embed: ([\d,]+)/[\d,]+ images \(100%\) in ([^,]+), ([\d,.]+) images/s")
 #: Every imgsim command of the check shows Ray's logs live (the check's log keeps them all).
 VERBOSE = "--verbose"

@@ -68,7 +68,7 @@ def probe_kernels(device: str, configs: list[dict[str, Any]], seconds: float) ->
     """
     import torch
 
-    from imgsim.model import ModelConfig
+    from imgsim.models.autoencoder import ModelConfig
 
     dev = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
     cores = os.cpu_count() or 1
@@ -108,7 +108,7 @@ def _time_step(mcfg: Any, b: int, dev: Any, seconds: float, loop_only: bool = Fa
     import torch
     import torch.nn.functional as F
 
-    from imgsim.model import Augment, AutoEncoder, training_loss
+    from imgsim.models.autoencoder import Augment, AutoEncoder, training_loss
 
     cuda = dev.type == "cuda"
     model = AutoEncoder(mcfg).to(dev)
@@ -282,8 +282,8 @@ def patch_train_module(gpus_per_worker: float, backend: str) -> None:
 
 def init_model(run: str) -> dict[str, Any]:
     """Save an untrained default model as RUN's model (index stages without a trained one)."""
-    from imgsim import model as model_lib
-    from imgsim.model import AutoEncoder, ModelConfig
+    from imgsim.models import autoencoder as model_lib
+    from imgsim.models.autoencoder import AutoEncoder, ModelConfig
 
     path = model_lib.save(AutoEncoder(ModelConfig()), run, extra={"untrained": True})
     return {"model": str(path)}

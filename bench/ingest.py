@@ -1,7 +1,7 @@
 """Decode + preprocess throughput: the Ray Data ingest pipeline vs a plain single-process PIL loop.
 
-Both read the same few thousand structured 512x512 JPEGs with `imgsim.sources.read_bytes` and
-preprocess them with the same `imgsim.decode.decode_image`, in the same run. Ray start-up
+Both read the same few thousand structured 512x512 JPEGs with `imgsim.data.sources.read_bytes` and
+preprocess them with the same `imgsim.data.decode.decode_image`, in the same run. Ray start-up
 (`ray.init`) is excluded; everything after it counts for Ray: building the dataset, scheduling,
 worker-side decoding, and moving every decoded image back to this process. Each side runs
 `--rounds` times, alternating, and its best round is reported (other users' load on a shared
@@ -18,8 +18,8 @@ import os
 import ray
 
 from bench.common import jpeg_refs, report, timed
-from imgsim.decode import decode_image
-from imgsim.sources import read_bytes
+from imgsim.data.decode import decode_image
+from imgsim.data.sources import read_bytes
 from pipelines.ingest import read_images
 from pipelines.runtime import ensure_ray
 

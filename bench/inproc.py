@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from imgsim.model import AutoEncoder, ModelConfig, autocast, memory_format
-from imgsim.recipes import Recipe
+from imgsim.models.autoencoder import AutoEncoder, ModelConfig, autocast, memory_format
+from imgsim.training.recipes import Recipe
 
 
 def train(
@@ -34,7 +34,7 @@ def train(
     `images` scaled down)."""
     torch.manual_seed(seed)
     model = AutoEncoder(config)
-    layout = memory_format("cpu")  # as Ray Train's loop does (imgsim.model.uses_bf16)
+    layout = memory_format("cpu")  # as Ray Train's loop does (imgsim.models.autoencoder.uses_bf16)
     model = model.to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=1e-4)
     batch = min(recipe.batch_size, len(images))

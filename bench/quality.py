@@ -9,7 +9,7 @@ This is how the defaults were chosen; `imgsim train` + `imgsim eval` give the of
     python -m bench.quality --steps 1875 --recipes denoise,denoise-hog   # recipes alternated, same seed
     python -m bench.quality --baselines-only         # raw pixels, hand-made 8x8, oriented gradients
 
-`--steps` trains what `imgsim train` picks for Fashion-MNIST (`imgsim.recipes.choose`) with
+`--steps` trains what `imgsim train` picks for Fashion-MNIST (`imgsim.training.recipes.choose`) with
 `bench.inproc.train` (the Ray Train loop's calls, in bf16 where the CPU has it) for each step count.
 """
 
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from imgsim.config import DEFAULTS
-from imgsim.datasets import find_fashion_mnist, read_idx
-from imgsim.hog import orientation_histograms
-from imgsim.model import Augment, AutoEncoder, ModelConfig, training_loss
+from imgsim.data.datasets import find_fashion_mnist, read_idx
+from imgsim.models.autoencoder import Augment, AutoEncoder, ModelConfig, training_loss
+from imgsim.models.hog import orientation_histograms
 
 
 def load_split(split: str, size: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -148,7 +148,7 @@ def default_recipe_steps(steps: list[int], threads: int, recipes: list[str] | No
     """P@10 of `imgsim train`'s default choice for Fashion-MNIST after each number of steps, with its
     recipe or each of `recipes` in turn (same seed)."""
     from bench.inproc import train
-    from imgsim.recipes import RECIPES, choose
+    from imgsim.training.recipes import RECIPES, choose
 
     torch.set_num_threads(threads)
     xtr, ytr = load_split("train", 32)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgsim import index as index_lib
-from imgsim.index import KMeansClusterer, KnnIndex
+from imgsim.index import knn as index_lib
+from imgsim.index.knn import KMeansClusterer, KnnIndex
 
 TARGET_MS, TARGET_RECALL = 2.0, 0.95
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]

@@ -5,9 +5,9 @@
     .venv/bin/python -m bench.serve --ingress proxy          # Ray Serve's own HTTP proxy
 
 1. Builds (once, cached under --work) a run directory with a real model and a 100K-row index:
-   the model is an (untrained, seeded) `imgsim.model.AutoEncoder` saved with `imgsim.model.save`;
+   the model is an (untrained, seeded) `imgsim.models.autoencoder.AutoEncoder` saved with `imgsim.models.autoencoder.save`;
    the embeddings are random but clustered vectors of the model's dimension; KMeans and the KNN
-   index are fitted and saved with `imgsim.index`; `embeddings.parquet` has the contract's columns.
+   index are fitted and saved with `imgsim.index.knn`; `embeddings.parquet` has the contract's columns.
    Writing 100K image files would dominate the run, so the rows point at a handful of real PNGs.
 2. Baseline: `Searcher.search(png_bytes, k)` in this process (decode + embed + KNN, one query at a
    time), timed in the same run.
@@ -67,16 +67,16 @@ def build_run(run: Path, n_images: int, n_pngs: int = 8, n_clusters: int = 4, se
     import pyarrow as pa
     import torch
 
-    from imgsim import model as model_lib
-    from imgsim.rows import embedding_array
-    from imgsim.runs import RunPaths
+    from imgsim.data.rows import embedding_array
+    from imgsim.io.runs import RunPaths
+    from imgsim.models import autoencoder as model_lib
     from pipelines.build_index import as_file_rows, write_index
 
     paths = RunPaths(run)
     marker = paths.index_dir / f"bench-{n_images}.ok"
     if marker.is_file():
         try:  # reuse the cached run while the current code can still load it
-            from imgsim.search import Searcher
+            from imgsim.index.search import Searcher
 
             Searcher.load(paths.root)
             return paths.root
@@ -135,7 +135,7 @@ def baseline(run: Path, png: bytes, k: int, seconds: float) -> dict[str, float]:
     """In-process `Searcher.search` on the same bytes, one query at a time."""
     import torch
 
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     torch.set_num_threads(1)
     searcher = Searcher.load(run)

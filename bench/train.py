@@ -17,7 +17,7 @@ import torch
 
 from bench.common import report
 from imgsim.config import DEFAULTS
-from imgsim.model import Augment, AutoEncoder, ModelConfig, training_loss
+from imgsim.models.autoencoder import Augment, AutoEncoder, ModelConfig, training_loss
 from pipelines.runtime import ensure_ray
 from pipelines.train import train
 from tests.conftest import make_pattern_image

@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 __all__ = ["Searcher", "__version__"]
 
 if TYPE_CHECKING:
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
 
 def __getattr__(name: str) -> Any:
     if name == "Searcher":
-        from imgsim.search import Searcher
+        from imgsim.index.search import Searcher
 
         return Searcher
     raise AttributeError(f"module 'imgsim' has no attribute {name!r}")

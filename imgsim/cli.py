@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from imgsim import console
 from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS
+from imgsim.console import output as console
 from imgsim.errors import ImgsimError
 
 EPILOG = """\
@@ -139,7 +139,7 @@ def dataset_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_dataset(args: argparse.Namespace) -> int:
-    from imgsim.datasets import write_fashion_mnist
+    from imgsim.data.datasets import write_fashion_mnist
 
     written = write_fashion_mnist(args.out, limit=args.limit)
     total = sum(written.counts.values())
@@ -186,8 +186,8 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
-    from imgsim.model import ARCHS
-    from imgsim.recipes import RECIPES, SMALL_IMAGE_SIDE
+    from imgsim.models.autoencoder import ARCHS
+    from imgsim.training.recipes import RECIPES, SMALL_IMAGE_SIDE
 
     t = DEFAULTS.train
     _data(p)
@@ -405,14 +405,14 @@ def query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     if args.duplicates:
         return _run_query_duplicates(args)
     searcher = Searcher.load(args.model)
     result = searcher.search(args.image, k=args.k, within_cluster=args.within_cluster)
     if args.plot:
-        from imgsim.plots import plot_results
+        from imgsim.evaluation.plots import plot_results
 
         plot_results(searcher, args.image, result, args.plot)
     if args.json:
@@ -440,7 +440,7 @@ def _precision(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _run_query_duplicates(args: argparse.Namespace) -> int:
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     if args.plot or args.within_cluster:
         raise ImgsimError("--duplicates answers with the matches only: drop --plot and --within-cluster")
@@ -577,7 +577,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _edit_list(text: str) -> tuple[str, ...]:
-    from imgsim.edits import EDITS
+    from imgsim.evaluation.edits import EDITS
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in EDITS]
@@ -605,7 +605,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval_copies(args: argparse.Namespace) -> int:
-    from imgsim.copies import DEFAULT_EDITS
+    from imgsim.evaluation.copies import DEFAULT_EDITS
     from pipelines.evaluate import evaluate_copies_run
 
     if args.queries or args.within_cluster:
@@ -671,7 +671,7 @@ def tsne_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tsne(args: argparse.Namespace) -> int:
-    from imgsim.plots import plot_tsne_run
+    from imgsim.evaluation.plots import plot_tsne_run
 
     info = plot_tsne_run(args.model, args.out, max_points=args.max_points, seed=args.seed)
     print(f"t-SNE of {info['points']} embeddings written to {args.out}")
@@ -751,7 +751,7 @@ def import_encoder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_import_encoder(args: argparse.Namespace) -> int:
-    from imgsim.encoders import import_encoder
+    from imgsim.models.encoders import import_encoder
 
     summary = import_encoder(
         args.model_file,
@@ -791,7 +791,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _edits_help() -> str:
-    from imgsim.edits import HELD_OUT_EDITS, TRAINED_EDITS, describe_edits
+    from imgsim.evaluation.edits import HELD_OUT_EDITS, TRAINED_EDITS, describe_edits
 
     trained = "\n".join(f"  {line}" for line in describe_edits(TRAINED_EDITS).splitlines())
     held = "\n".join(f"  {line}" for line in describe_edits(HELD_OUT_EDITS).splitlines())
@@ -1015,7 +1015,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_logs(args: argparse.Namespace) -> Any:
-    """Where a command that runs Ray jobs keeps Ray's logs (`imgsim.console.RunLogs`), or None for
+    """Where a command that runs Ray jobs keeps Ray's logs (`imgsim.console.output.RunLogs`), or None for
     commands without Ray, and when Ray already runs in this process (its host owns the console)."""
     command = _command(args.command)
     if command.run_dir is None:
@@ -1023,7 +1023,7 @@ def _run_logs(args: argparse.Namespace) -> Any:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return None
-    from imgsim.runs import RunPaths
+    from imgsim.io.runs import RunPaths
 
     run = command.run_dir(args)
     if run:

@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
 
 
-#: KNN distances (imgsim.index) and index kinds: "auto" = "ivf" from `IndexConfig.ivf_threshold` vectors.
+#: KNN distances (imgsim.index.knn) and index kinds: "auto" = "ivf" from `IndexConfig.ivf_threshold` vectors.
 METRICS = ("cosine", "l2")
 INDEX_KINDS = ("auto", "exact", "ivf")
 
@@ -86,13 +86,13 @@ class SearchConfig:
 class DuplicatesConfig:
     """Duplicate finding and label-free evaluation defaults (`imgsim duplicates`, `eval --copies`)."""
 
-    precision: float = 0.99  # target precision of the calibrated threshold (imgsim.copies)
+    precision: float = 0.99  # target precision of the calibrated threshold (imgsim.evaluation.copies)
     calibration_copies: int = 300  # indexed images whose edited copies calibrate the threshold
     seed: int = 0
     # Neighbours kept per image by the range search: a cap on the work in a region so dense that
     # the threshold takes in hundreds of images (they could not form one duplicate group anyway).
     max_neighbours: int = 64
-    # Geometric verification (imgsim.verify) of candidate pairs of images large enough to have
+    # Geometric verification (imgsim.duplicates.verify) of candidate pairs of images large enough to have
     # keypoints: candidates reach out to the distance that holds this share of the calibration's
     # `mix` copies (every edit at once), among each image's `verify_neighbours` nearest.
     verify: bool = True
@@ -104,7 +104,7 @@ class DuplicatesConfig:
 
 @dataclass(frozen=True)
 class ReadConfig:
-    """Reading an image's bytes from S3 (`imgsim.sources.read_bytes`): a failure that may pass (the
+    """Reading an image's bytes from S3 (`imgsim.data.sources.read_bytes`): a failure that may pass (the
     store unreachable, a time-out, throttling) is tried again after a growing pause; one that
     still fails after `attempts` tries is skipped with its reason (and tried again by the next
     `imgsim index`). With these defaults the pauses add up to 0.5+1+2+4+8 = 15.5 s, enough to ride

@@ -8,13 +8,13 @@ since it was fitted (same model, metric, clusters and index kind), a re-run *upd
 index instead of fitting it again: removed rows leave the KNN index, new rows are assigned to the
 existing KMeans centroids and IVF lists and appended, so unchanged images keep their order and
 their cluster (when nothing was removed, the previous embeddings.parquet is copied as bytes and the
-new rows appended: `imgsim.parquet_append`). `--full` fits everything again. Resumable: embeddings stream into part files under
+new rows appended: `imgsim.io.parquet_append`). `--full` fits everything again. Resumable: embeddings stream into part files under
 `RUN/.index-staging-<model>/` as batches finish, so a killed run picks up where it stopped. The
-new `RUN/index/` is built beside the old one and swapped in whole (`imgsim.atomic`), so readers
+new `RUN/index/` is built beside the old one and swapped in whole (`imgsim.io.atomic`), so readers
 never see a half-written index; a full disk ends the run with a one-line `DiskFull` error and the
 previous index in place.
 
-Memory: rows are Arrow tables of `imgsim.rows.FILE_SCHEMA`, read from the staging parts and the
+Memory: rows are Arrow tables of `imgsim.data.rows.FILE_SCHEMA`, read from the staging parts and the
 previous index in batches; the driver holds the listing as Arrow columns, the float32 (N, D)
 matrix while fitting, and the faiss index — no Python object per image.
 """
@@ -35,13 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
-from imgsim.errors import DiskFull, ImgsimError, disk_full
-from imgsim.index import KMeansClusterer, KnnIndex
-from imgsim.parquet_append import append_rows
-from imgsim.progress import bar, log, stage
-from imgsim.rows import (
+from imgsim.console.progress import bar, log, stage
+from imgsim.data.rows import (
     FILE_SCHEMA,
     INDEX_COLUMNS,
     READ_FAILURES,
@@ -49,7 +45,11 @@ from imgsim.rows import (
     embedding_matrix,
     text_array,
 )
-from imgsim.runs import RunPaths
+from imgsim.errors import DiskFull, ImgsimError, disk_full
+from imgsim.index.knn import KMeansClusterer, KnnIndex
+from imgsim.io.parquet_append import append_rows
+from imgsim.io.runs import RunPaths
+from imgsim.models import autoencoder as model_lib
 from pipelines.embed import StageTimes, embed_images, embed_in_process
 from pipelines.ingest import list_inputs_table
 from pipelines.runtime import ensure_ray, gpu_or_cpu, initialised_ray
@@ -394,7 +394,7 @@ def write_index(
     kind: str = DEFAULTS.index.kind,
     nprobe: int = DEFAULTS.index.nprobe,
 ) -> dict[str, Any]:
-    """KMeans + KNN fitted over the good file rows (`imgsim.rows.FILE_SCHEMA`) held in memory; every
+    """KMeans + KNN fitted over the good file rows (`imgsim.data.rows.FILE_SCHEMA`) held in memory; every
     index file written and swapped in as one directory."""
     return _write(
         paths, fingerprint, data, _no_previous(), _no_previous().files, TableRows(as_file_rows(rows)),
@@ -519,7 +519,7 @@ def _write(
     def write_embeddings(target: Path) -> None:
         """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones.
         When only rows were added, the previous file's bytes are copied and the new rows appended
-        (`imgsim.parquet_append`), rather than a million unchanged rows decoded and encoded again."""
+        (`imgsim.io.parquet_append`), rather than a million unchanged rows decoded and encoded again."""
         without_cluster = [c for c in INDEX_COLUMNS if c != "cluster"] + ["embedding"]
         if update and n_kept and keep.all():
             new_rows = list(with_labels(new_good(without_cluster), labels_new))

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
-from imgsim.progress import log
-from imgsim.progress import seconds as fmt_seconds
-from imgsim.runs import RunPaths
+from imgsim.console.progress import log
+from imgsim.console.progress import seconds as fmt_seconds
+from imgsim.io.atomic import atomic_write_json
+from imgsim.io.runs import RunPaths
 
 
 @dataclass
@@ -40,9 +40,9 @@ def _first_image(folder: Path) -> Path:
 
 def demo(work: str = "demo-run", limit: int | None = None, epochs: int | None = None) -> dict[str, Any]:
     """Run every stage on Fashion-MNIST under `work`; return (and print) the summary."""
-    from imgsim.datasets import write_fashion_mnist
-    from imgsim.plots import plot_results, plot_tsne_run
-    from imgsim.search import Searcher
+    from imgsim.data.datasets import write_fashion_mnist
+    from imgsim.evaluation.plots import plot_results, plot_tsne_run
+    from imgsim.index.search import Searcher
     from pipelines.build_index import build_index
     from pipelines.evaluate import evaluate_run
     from pipelines.train import train

@@ -2,7 +2,7 @@
 
 The threshold is calibrated from edited copies when the run has none stored for its model (the
 copies are made and embedded as Ray tasks when there are many, as `imgsim eval --copies` does),
-then `imgsim.duplicates.find_duplicates` groups (incrementally: only images added since the last
+then `imgsim.duplicates.groups.find_duplicates` groups (incrementally: only images added since the last
 run are searched) and the reports are written to DIR (default RUN/duplicates/).
 
     ray job submit --working-dir . -- python -m pipelines.duplicates --model RUN --json
@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import DEFAULTS
-from imgsim.duplicates import PairVerifier, find_duplicates, verify_here
-from imgsim.duplicates_report import write_reports
-from imgsim.edits import TRAINED_EDITS
-from imgsim.progress import bar, log
-from imgsim.runs import RunPaths
-from imgsim.search import Searcher
+from imgsim.console.progress import bar, log
+from imgsim.duplicates.groups import PairVerifier, find_duplicates, verify_here
+from imgsim.duplicates.report import write_reports
+from imgsim.evaluation.edits import TRAINED_EDITS
+from imgsim.index.search import Searcher
+from imgsim.io.runs import RunPaths
 from pipelines.evaluate import copy_runner
 
-#: More candidate pairs than this are verified as Ray tasks (10-40 ms a pair on one core: see imgsim.verify).
+#: More candidate pairs than this are verified as Ray tasks (10-40 ms a pair on one core: see imgsim.duplicates.verify).
 IN_PROCESS_MAX_PAIRS = 20_000
 #: Pairs per Ray task.
 PAIRS_PER_TASK = 5_000
@@ -36,8 +36,8 @@ def _verify_chunk(paths: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """One Ray task's pairs, on the one CPU it holds (OpenCV would start a thread per core)."""
     import cv2
 
-    from imgsim.sources import read_bytes
-    from imgsim.verify import verify_pairs
+    from imgsim.data.sources import read_bytes
+    from imgsim.duplicates.verify import verify_pairs
 
     cv2.setNumThreads(1)
     return verify_pairs(paths, a, b, read_bytes, threads=1)[0]

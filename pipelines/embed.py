@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
-from imgsim.progress import bar, log
-from imgsim.rows import as_text, ok_mask
-from imgsim.sources import ImageRef, is_s3
+from imgsim.console.progress import bar, log
+from imgsim.data.rows import as_text, ok_mask
+from imgsim.data.sources import ImageRef, is_s3
+from imgsim.models import autoencoder as model_lib
 from pipelines.ingest import decode_batch, read_images
 from pipelines.runtime import ensure_ray
 
@@ -145,7 +145,7 @@ def embed_images(
 def embed_in_process(
     todo: pa.Table, run: str, *, batch_size: int = DEFAULTS.index.embed_batch_size
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The embedding rows of a listing (`imgsim.sources.list_table` columns), computed in this process
+    """The embedding rows of a listing (`imgsim.data.sources.list_table` columns), computed in this process
     with the same read/decode and `Embedder` as the Ray Data job, one batch at a time: a thread reads
     and decodes the next batch while the encoder (which leaves Python's lock) embeds this one, in one
     torch thread (with one per core, torch's idle threads spin on the core the decoding needs; this
@@ -213,7 +213,7 @@ def write_embeddings(
     root: str, run: str, out: str, *, concurrency: int | None = None, use_gpu: bool = False
 ) -> None:
     """Embed every image under `root` and write the embedding rows (no timings) as Parquet under `out`."""
-    from imgsim.sources import filesystem_for
+    from imgsim.data.sources import filesystem_for
 
     ensure_ray()
     ds = embed_images(root, run, concurrency=concurrency, use_gpu=use_gpu)

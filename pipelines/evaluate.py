@@ -2,7 +2,7 @@
 
 - Labelled: without queries every indexed image queries the rest (itself excluded); with QDATA,
   its images are embedded by the same Ray Data pipeline as the index and query it.
-- Label-free (`--copies N`): edited copies of N indexed images query the index (`imgsim.copies`).
+- Label-free (`--copies N`): edited copies of N indexed images query the index (`imgsim.evaluation.copies`).
   Small N runs in-process; larger N as Ray tasks, one per chunk of originals (read, edit, decode
   and embed in the task), so the cores work in parallel and the report is the same either way.
 
@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from imgsim import copies as copies_lib
 from imgsim.config import DEFAULTS
-from imgsim.evaluate import retrieval_metrics
-from imgsim.progress import Progress, bar, log
-from imgsim.rows import read_embeddings
-from imgsim.search import Searcher
+from imgsim.console.progress import Progress, bar, log
+from imgsim.data.rows import read_embeddings
+from imgsim.evaluation import copies as copies_lib
+from imgsim.evaluation.metrics import retrieval_metrics
+from imgsim.index.search import Searcher
 
 #: Copies (originals x edits) up to which `eval --copies` runs in-process: below this, starting Ray
 #: costs more than it saves.
@@ -58,7 +58,7 @@ class _Counted:
 def evaluate_run(
     run: str, queries: str | None = None, k: int = DEFAULTS.search.k, within_cluster: bool = False
 ) -> dict[str, Any]:
-    """precision@1, precision@k, mAP@k, recall@k of RUN's index (see imgsim.evaluate)."""
+    """precision@1, precision@k, mAP@k, recall@k of RUN's index (see imgsim.evaluation.metrics)."""
     searcher = Searcher.load(run)
     db_emb, columns = read_embeddings(run, columns=("label",))
     db_labels = columns["label"]
@@ -92,7 +92,7 @@ def _worker_model(run: str, mtime_ns: int) -> Any:
     """The run's encoder, loaded once per Ray worker process (and again if the model file changes)."""
     import torch
 
-    from imgsim import model as model_lib
+    from imgsim.models import autoencoder as model_lib
 
     torch.set_num_threads(1)  # one task per core: more threads only oversubscribe
     return model_lib.load(run)
@@ -101,7 +101,7 @@ def _worker_model(run: str, mtime_ns: int) -> Any:
 def _copy_chunk(
     run: str, chunk: copies_lib.Chunk, edits: tuple[str, ...], seed: int
 ) -> copies_lib.CopyEmbeddings:
-    from imgsim.runs import RunPaths
+    from imgsim.io.runs import RunPaths
 
     model_dir = RunPaths(run).model_dir  # trained or imported: a newer file means another model
     mtime_ns = (
@@ -147,7 +147,7 @@ def index_columns(run: str) -> tuple[np.ndarray, list[str], list[str | None] | N
     """(embeddings, paths, content hashes or None for an index written without them) of RUN's index."""
     import pyarrow.parquet as pq
 
-    from imgsim.runs import RunPaths
+    from imgsim.io.runs import RunPaths
 
     names = pq.read_schema(RunPaths(run).embeddings).names
     columns = ("path", "content_hash") if "content_hash" in names else ("path",)
@@ -165,7 +165,7 @@ def evaluate_copies_run(
     edits: Sequence[str] = copies_lib.DEFAULT_EDITS,
     use_ray: bool | None = None,
 ) -> dict[str, Any]:
-    """`imgsim eval --copies N`: the label-free report of `imgsim.copies` for RUN's index."""
+    """`imgsim eval --copies N`: the label-free report of `imgsim.evaluation.copies` for RUN's index."""
     started = time.perf_counter()
     searcher = Searcher.load(run)
     db_emb, paths, hashes = index_columns(run)

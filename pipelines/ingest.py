@@ -2,7 +2,7 @@
 
     list (driver, metadata only) → `ray.data.from_blocks` (path, label) → `map_batches(read + decode)`
 
-Rows: the ingest rows of `imgsim.rows` (path, label, image, error, content_hash, width, height,
+Rows: the ingest rows of `imgsim.data.rows` (path, label, image, error, content_hash, width, height,
 read_s, decode_s). Every listed input appears exactly once; a file that is bad, unreadable or gone
 by the time it is read becomes an error row, never a failed job. The driver holds only the
 listing, never image bytes or pixels.
@@ -28,10 +28,10 @@ import pyarrow as pa
 from PIL import Image
 
 from imgsim.config import DEFAULTS, MAX_FILE_BYTES
-from imgsim.decode import DecodeError, decode_image_and_size, greyscale_bytes
-from imgsim.progress import bar, stage
-from imgsim.rows import content_hash, error_reason, text_array
-from imgsim.sources import (
+from imgsim.console.progress import bar, stage
+from imgsim.data.decode import DecodeError, decode_image_and_size, greyscale_bytes
+from imgsim.data.rows import content_hash, error_reason, text_array
+from imgsim.data.sources import (
     FileTooLarge,
     ImageRef,
     apply_aws_settings,
@@ -65,7 +65,7 @@ def list_inputs(root: str) -> list[ImageRef]:
 
 
 def list_inputs_table(root: str, *, ordered: bool = True) -> pa.Table:
-    """`imgsim.sources.list_table(root, ordered=...)` (Arrow columns: what an index of millions
+    """`imgsim.data.sources.list_table(root, ordered=...)` (Arrow columns: what an index of millions
     lists), shown as the "list" stage on the console."""
     with stage(f"list {root}", unit="images") as p:
         table = list_table(root, ordered=ordered)
@@ -122,7 +122,7 @@ def _table(
     read_s: float,
     decode_s: float,
 ) -> pa.Table:
-    """Ingest rows as an Arrow table with explicit types (see `imgsim.rows`)."""
+    """Ingest rows as an Arrow table with explicit types (see `imgsim.data.rows`)."""
     from ray.data.extensions import ArrowTensorArray  # here: a process embedding in itself never needs it
 
     n = len(paths)
@@ -241,7 +241,7 @@ def decode_columns(
 
 
 def refs_table(refs: Sequence[ImageRef] | pa.Table) -> pa.Table:
-    """A listing (`imgsim.sources.list_table`) as it is; ImageRefs as the same columns."""
+    """A listing (`imgsim.data.sources.list_table`) as it is; ImageRefs as the same columns."""
     if isinstance(refs, pa.Table):
         return refs
     return pa.table(
@@ -293,7 +293,7 @@ def read_images(
 ) -> ray.data.Dataset:
     """Rows `{path, label, image, error, read_s, decode_s, size, mtime}` for every image under `root`.
 
-    `refs` (a `imgsim.sources.list_table` listing or `list_images` refs, possibly filtered or
+    `refs` (a `imgsim.data.sources.list_table` listing or `list_images` refs, possibly filtered or
     shuffled) replaces the listing of `root`. `keep_errors=False` drops the rows of skipped inputs. `concurrency` caps the number
     of decode tasks running at once (default: as many as there are free CPUs). `batch_size`: images
     per decode task (default `read_batch_size`).
@@ -389,7 +389,7 @@ def check_images(
 ) -> dict[str, Any]:
     """Decode everything under `data` once, as indexing would; report what is usable and what is
     skipped (`skipped_inputs`: sorted (path, reason) pairs; also written to `skipped_out` as JSON lines)."""
-    from imgsim.atomic import atomic_write_bytes
+    from imgsim.io.atomic import atomic_write_bytes
 
     refs = list_inputs(data)
     channels = channels or detect_channels(refs)

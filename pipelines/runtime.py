@@ -14,7 +14,7 @@ variables in every worker process:
 
 A value already in the caller's environment wins.
 
-What Ray prints is not the user's console (`imgsim.console`): workers' output stays in their log
+What Ray prints is not the user's console (`imgsim.console.output`): workers' output stays in their log
 files unless `--verbose` (`log_to_driver`), Ray Data's own progress bars are off (imgsim draws one
 bar per stage), and once Ray is up the command's `RunLogs` links the session's log folder into
 RUN/logs/.
@@ -33,8 +33,8 @@ import os
 import sys
 from types import ModuleType
 
-from imgsim import console
-from imgsim.progress import log, seconds, stage
+from imgsim.console import output as console
+from imgsim.console.progress import log, seconds, stage
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 

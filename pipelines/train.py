@@ -27,17 +27,17 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from imgsim import model as model_lib
-from imgsim.atomic import atomic_write_json
 from imgsim.config import DEFAULTS
-from imgsim.encoders import check_trainable
+from imgsim.console.progress import Progress, bar, debug, log, stage
+from imgsim.data.sources import ImageRef
 from imgsim.errors import ImgsimError
-from imgsim.model import AutoEncoder, ModelConfig, autocast, fit_whitening, memory_format
-from imgsim.plots import plot_loss
-from imgsim.progress import Progress, bar, debug, log, stage
-from imgsim.recipes import Recipe, choose, embedding_statistics, get_recipe
-from imgsim.runs import RunPaths
-from imgsim.sources import ImageRef
+from imgsim.evaluation.plots import plot_loss
+from imgsim.io.atomic import atomic_write_json
+from imgsim.io.runs import RunPaths
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.autoencoder import AutoEncoder, ModelConfig, autocast, fit_whitening, memory_format
+from imgsim.models.encoders import check_trainable
+from imgsim.training.recipes import Recipe, choose, embedding_statistics, get_recipe
 from pipelines.ingest import list_inputs, read_images, sample_data
 from pipelines.runtime import ensure_ray, gpu_or_cpu
 
@@ -46,7 +46,7 @@ POST_EVERY_S = 0.5  # rank 0 posts its progress (a host sync on a GPU) at most t
 
 
 def recipe_of(model: ModelConfig, nce_weight: float | None) -> Recipe:
-    """The model's training recipe (`imgsim.recipes`); `nce_weight` (--contrastive) overrides the
+    """The model's training recipe (`imgsim.training.recipes`); `nce_weight` (--contrastive) overrides the
     weight of its invariance term. Models from before recipes were recorded trained `denoise`."""
     recipe = get_recipe(model.recipe or "denoise")
     if nce_weight is None:
@@ -201,7 +201,7 @@ def _fit_embedding(
     ae: AutoEncoder, recipe: Recipe, shard: Any, batch_size: int, world: int, max_batches: int
 ) -> None:
     """Fit the embedding's centring (and whitening, if the recipe asks) on a sample of the training
-    data, summed over all workers (`imgsim.recipes.embedding_statistics`)."""
+    data, summed over all workers (`imgsim.training.recipes.embedding_statistics`)."""
     device = next(ae.parameters()).device
 
     def batches() -> Any:
@@ -241,7 +241,7 @@ class TrainPlan:
     resumed: bool
     nce_weight: float | None = None  # --contrastive: overrides the recipe's invariance weight
     lr: float | None = None  # the peak learning rate (None: the recipe's)
-    reason: str = ""  # why this architecture and recipe (imgsim.recipes.choose), for the console
+    reason: str = ""  # why this architecture and recipe (imgsim.training.recipes.choose), for the console
 
     @property
     def recipe(self) -> Recipe:
@@ -301,7 +301,7 @@ def plan_training(
     use_gpu: bool = False,
 ) -> TrainPlan:
     """Architecture, recipe and length: a resumed run keeps its own; a new one gets them from a
-    sample of the data and the hardware (`imgsim.recipes.choose`), each flag given winning.
+    sample of the data and the hardware (`imgsim.training.recipes.choose`), each flag given winning.
 
     Length: `epochs` E means exactly E passes over the data; `steps` N about N optimiser steps in
     all, in DEFAULTS.train.epochs epochs (one checkpoint each). Neither: the recipe's default,

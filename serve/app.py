@@ -41,11 +41,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgsim import console
 from imgsim.config import DEFAULTS
+from imgsim.console import output as console
+from imgsim.data.rows import content_hash
 from imgsim.errors import BadQuery, ImgsimError, RunNotFound
-from imgsim.rows import content_hash
-from imgsim.runs import RunPaths
+from imgsim.io.runs import RunPaths
 
 logger = logging.getLogger("ray.serve")
 
@@ -231,8 +231,8 @@ class ImgsimSearch:
     ) -> None:
         import torch
 
-        from imgsim.index import set_threads
-        from imgsim.search import Searcher
+        from imgsim.index.knn import set_threads
+        from imgsim.index.search import Searcher
 
         # Intra-op threads for the model and the KNN search: one per reserved CPU. More only
         # oversubscribes the cores (OpenMP threads spin while they wait).
@@ -347,7 +347,7 @@ class ImgsimSearch:
         return url.strip(), payload.get("k")
 
     async def _fetch(self, url: str) -> bytes:
-        from imgsim.fetch import FetchError, fetch_url
+        from imgsim.data.fetch import FetchError, fetch_url
 
         try:
             return await asyncio.to_thread(
@@ -362,7 +362,7 @@ class ImgsimSearch:
 
     def _to_image(self, data: bytes, query: str) -> np.ndarray:
         """Bytes -> the model's preprocessed uint8 (C, S, S) array; refusals become 400s."""
-        from imgsim.decode import DecodeError
+        from imgsim.data.decode import DecodeError
 
         try:
             return self.searcher.to_image(data)
@@ -509,7 +509,7 @@ def run(
     `ingress` only names the HTTP front end in the start-up line: it is chosen by the environment
     the Ray processes start with (`serve.ingress.apply`, which `imgsim serve` calls). `access_log`:
     Serve logs a line per request (`imgsim serve --access-log` shows them on the console; Serve's
-    and Ray's other logs go to RUN/logs/ only, unless `--verbose`: `imgsim.console`).
+    and Ray's other logs go to RUN/logs/ only, unless `--verbose`: `imgsim.console.output`).
 
     Starts a local Ray instance (Prometheus metrics on $IMGSIM_METRICS_PORT when set) unless
     RAY_ADDRESS names a cluster to join.

@@ -16,9 +16,9 @@ import pytest
 from conftest import kill_tree, make_pattern_image, wait_for
 from PIL import Image
 
-from imgsim import model as model_lib
 from imgsim.cli import main
-from imgsim.rows import read_embeddings
+from imgsim.data.rows import read_embeddings
+from imgsim.models import autoencoder as model_lib
 from pipelines.build_index import STAGING_ROWS, build_index
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -79,9 +79,9 @@ def test_incremental_rerun_embeds_only_what_changed(run_copy: tuple[Path, Path])
 
 def test_added_images_are_appended_to_the_index_files(run_copy: tuple[Path, Path]) -> None:
     """Only new images: embeddings.parquet and files.parquet keep every previous row as it was and gain
-    the new ones after them (`imgsim.parquet_append`: one more row group, not a rewrite), and a search
+    the new ones after them (`imgsim.io.parquet_append`: one more row group, not a rewrite), and a search
     finds a new image."""
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     data, run = run_copy
     index = run / "index"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import write_pattern_folder
 
-from imgsim import console
-from imgsim.progress import Progress
+from imgsim.console import output as console
+from imgsim.console.progress import Progress
 
 IMGSIM = [sys.executable, "-m", "imgsim.cli"]
 TINY = ["--image-size", "16", "--dim", "8", "--batch-size", "8"]
@@ -103,7 +103,7 @@ def test_plain_progress_prints_sparse_lines_and_a_summary_at_100_percent(capsys)
 
 def test_run_logs_keep_stderr_out_of_the_console_and_show_it_live_when_verbose(tmp_path: Path) -> None:
     script = (
-        "import os, sys; from imgsim import console; from imgsim.progress import log\n"
+        "import os, sys; from imgsim import console; from imgsim.console.progress import log\n"
         "with console.RunLogs(sys.argv[1], show_live=sys.argv[2] == 'live'):\n"
         "    os.write(2, b'raylet says hello\\n'); print('a warning', file=sys.stderr); log('progress')\n"
         "print('result')\n"

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from toy_models import RawPixels, mirror_invariant_model, save_model
 
-from imgsim import copies as copies_lib
 from imgsim.cli import main
-from imgsim.index import KnnIndex
+from imgsim.evaluation import copies as copies_lib
+from imgsim.index.knn import KnnIndex
 
 SIDE = 32
 PAIRS = 10
@@ -81,7 +81,7 @@ def test_mirror_invariant_encoder_finds_mirrored_copies_where_raw_pixels_do_not(
 
     _, paths, hashes = index_columns(str(mirror_run))
     raw = RawPixels(SIDE, 1)
-    from imgsim.decode import decode_image
+    from imgsim.data.decode import decode_image
 
     raw_db = raw.embed(np.stack([decode_image(Path(p).read_bytes(), SIDE, 1) for p in paths]))
     raw_report = copies_lib.evaluate_copies(

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim.datasets import FASHION_MNIST_CLASSES, balanced_first, read_idx, write_fashion_mnist, write_idx
+from imgsim.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    balanced_first,
+    read_idx,
+    write_fashion_mnist,
+    write_idx,
+)
 
 
 def _fake_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20) -> None:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from imgsim.config import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
-from imgsim.decode import (
+from imgsim.data.decode import (
     DecodeError,
     decode_image,
     greyscale_bytes,

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from toy_models import mirror_invariant_model, save_model
 
 from imgsim.cli import main
-from imgsim.duplicates import complete_linkage, find_duplicates, group_embeddings
+from imgsim.duplicates.groups import complete_linkage, find_duplicates, group_embeddings
 
 SIDE = 96
 ORIGINALS = 6
@@ -105,7 +105,7 @@ def test_copies_are_grouped_with_their_originals_and_siblings_are_not(
 
 
 def test_the_keep_rule_prefers_more_pixels_then_the_larger_file(tmp_path: Path) -> None:
-    from imgsim.duplicates import choose_keep
+    from imgsim.duplicates.groups import choose_keep
 
     paths = ["a.jpg", "b.jpg", "c.jpg"]
     pixels, sizes = np.array([100, 400, 400]), np.array([10, 20, 30])
@@ -220,7 +220,7 @@ def test_nprobe_reaches_the_range_search(
 ) -> None:
     """`imgsim duplicates --nprobe N` scans N partitions per image (an exact index ignores it: the same
     groups)."""
-    from imgsim.index import KnnIndex
+    from imgsim.index.knn import KnnIndex
 
     _, run, _ = dup_run
     default = find_duplicates(run, full=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgsim.decode import decode_image
-from imgsim.edits import (
+from imgsim.data.decode import decode_image
+from imgsim.evaluation.edits import (
     EDITS,
     HELD_OUT_EDITS,
     TRAINED_EDITS,

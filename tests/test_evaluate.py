@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imgsim.evaluate import retrieval_metrics, scores_from_hits
+from imgsim.evaluation.metrics import retrieval_metrics, scores_from_hits
 
 
 def points(xs: list[float]) -> np.ndarray:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from imgsim.fetch import FetchError, fetch_url
+from imgsim.data.fetch import FetchError, fetch_url
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

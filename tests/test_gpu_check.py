@@ -35,8 +35,8 @@ def test_epoch_lines_of_train_py_are_recognised() -> None:
 
 
 def test_the_embed_summary_line_is_recognised() -> None:
-    # the line imgsim.progress ends the embedding stage with; the check reads the rate from it
-    from imgsim.progress import Progress
+    # the line imgsim.console.progress ends the embedding stage with; the check reads the rate from it
+    from imgsim.console.progress import Progress
 
     p = Progress(12_000, "embed", "images", interval_s=1e9)
     p.set(12_000)

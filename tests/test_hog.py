@@ -1,4 +1,4 @@
-"""Oriented-gradient histograms (imgsim.hog) and the neighbour distillation that teaches them to the
+"""Oriented-gradient histograms (imgsim.models.hog) and the neighbour distillation that teaches them to the
 embedding (the `denoise-hog` recipe): the descriptor sees edges and their direction, not brightness,
 and a short training run makes the embedding follow it where pixels would not."""
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from imgsim.hog import BINS, CELLS, orientation_histograms
-from imgsim.model import MIN_DISTILL_BATCH, AutoEncoder, ModelConfig, neighbour_distillation
-from imgsim.recipes import get_recipe
+from imgsim.models.autoencoder import MIN_DISTILL_BATCH, AutoEncoder, ModelConfig, neighbour_distillation
+from imgsim.models.hog import BINS, CELLS, orientation_histograms
+from imgsim.training.recipes import get_recipe
 
 
 def cells_of(descriptor: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,11 @@ from conftest import free_port, wait_healthy, write_pattern_folder
 from encoders import BAD_ENCODERS, export_bad_encoder, export_toy_encoder, make_asymmetric_image
 from PIL import Image, ImageOps
 
-from imgsim import encoders as encoders_lib
-from imgsim import model as model_lib
 from imgsim.cli import main
 from imgsim.errors import ImgsimError
-from imgsim.runs import RunPaths
+from imgsim.io.runs import RunPaths
+from imgsim.models import autoencoder as model_lib
+from imgsim.models import encoders as encoders_lib
 
 SIZE = 32
 # Per kind: the file, how it is imported (channels, mean/std as the CLI takes them).
@@ -164,8 +164,8 @@ def test_a_mirrored_copy_finds_its_original_first(
 ) -> None:
     """The imported encoder's mirror invariance reaches search; without it the copies are lost."""
     from imgsim import Searcher
-    from imgsim.decode import decode_image
-    from imgsim.index import KnnIndex
+    from imgsim.data.decode import decode_image
+    from imgsim.index.knn import KnnIndex
 
     case = imported[kind]
     searcher = Searcher.load(case.run)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgsim import index as index_lib
 from imgsim.errors import ModelMismatch, RunNotFound
-from imgsim.index import KMeansClusterer, KnnIndex
+from imgsim.index import knn as index_lib
+from imgsim.index.knn import KMeansClusterer, KnnIndex
 
 
 def clustered(n: int, dim: int = 16, centres: int = 20, seed: int = 0) -> np.ndarray:
@@ -249,7 +249,7 @@ def test_set_threads() -> None:
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 @pytest.mark.parametrize("kind", ["exact", "ivf"])
 def test_range_search_finds_everything_within_the_distance(metric: str, kind: str) -> None:
-    from imgsim.index import cross_distances
+    from imgsim.index.knn import cross_distances
 
     rng = np.random.default_rng(3)
     emb = rng.standard_normal((600, 8)).astype(np.float32)

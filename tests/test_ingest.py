@@ -14,9 +14,9 @@ from test_decode import bomb_png, encode, half_black_half_white
 
 from imgsim.cli import main_for
 from imgsim.config import MAX_FILE_BYTES
-from imgsim.decode import decode_image
-from imgsim.rows import ok_mask
-from imgsim.sources import ImageRef, list_images
+from imgsim.data.decode import decode_image
+from imgsim.data.rows import ok_mask
+from imgsim.data.sources import ImageRef, list_images
 from pipelines.ingest import detect_channels, read_images
 
 pytestmark = pytest.mark.usefixtures("ray_session")

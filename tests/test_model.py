@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from imgsim import model as model_lib
 from imgsim.errors import RunNotFound
-from imgsim.model import Augment, AutoEncoder, ModelConfig, info_nce, training_loss
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.autoencoder import Augment, AutoEncoder, ModelConfig, info_nce, training_loss
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 1), (32, 3), (45, 3), (64, 1)])

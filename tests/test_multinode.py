@@ -131,7 +131,7 @@ def test_cluster_has_three_nodes_each_reachable_by_its_resource(cluster: Any) ->
 
 
 def test_training_spreads_workers_across_nodes_and_learns(multinode_run: dict[str, Any]) -> None:
-    from imgsim import model as model_lib
+    from imgsim.models import autoencoder as model_lib
 
     workers = multinode_run["worker_nodes"]
     assert len(workers) >= 2, f"expected 2 Ray Train workers in the actor table, found {workers}"
@@ -152,8 +152,8 @@ def test_training_spreads_workers_across_nodes_and_learns(multinode_run: dict[st
 
 
 def test_index_embeds_across_nodes_same_as_one_process(multinode_run: dict[str, Any]) -> None:
-    from imgsim import model as model_lib
-    from imgsim.decode import decode_image
+    from imgsim.data.decode import decode_image
+    from imgsim.models import autoencoder as model_lib
     from pipelines.build_index import build_index
 
     data, run = multinode_run["data"], multinode_run["run"]

@@ -1,4 +1,4 @@
-"""Appending row groups to a copy of a Parquet file (`imgsim.parquet_append`): what an incremental
+"""Appending row groups to a copy of a Parquet file (`imgsim.io.parquet_append`): what an incremental
 `imgsim index` does to embeddings.parquet and files.parquet instead of writing them whole."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from imgsim.parquet_append import append_rows
-from imgsim.rows import embedding_array
+from imgsim.data.rows import embedding_array
+from imgsim.io.parquet_append import append_rows
 
 
 def _rows(start: int, n: int) -> pa.Table:

@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from imgsim.plots import _sample, plot_loss, plot_result_grid, plot_results, plot_tsne, plot_tsne_run
+from imgsim.evaluation.plots import (
+    _sample,
+    plot_loss,
+    plot_result_grid,
+    plot_results,
+    plot_tsne,
+    plot_tsne_run,
+)
 
 
 def open_png(path: Path, min_width: int, min_height: int) -> Image.Image:

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imgsim.augment import CopyAugment
-from imgsim.decode import decode_image
-from imgsim.edits import apply_edit, copy_rng
-from imgsim.model import CPU_BF16_ENV, AutoEncoder, ModelConfig
-from imgsim.recipes import RECIPES, choose, get_recipe, nt_xent
+from imgsim.data.decode import decode_image
+from imgsim.evaluation.edits import apply_edit, copy_rng
+from imgsim.models.autoencoder import CPU_BF16_ENV, AutoEncoder, ModelConfig
+from imgsim.training.augment import CopyAugment
+from imgsim.training.recipes import RECIPES, choose, get_recipe, nt_xent
 
 
 def blob_photo(seed: int, size: int = 96) -> Image.Image:
@@ -52,7 +52,7 @@ def one_thread():
 
 def test_a_tiny_copy_run_learns_mirror_and_greyscale_invariance(one_thread: None) -> None:
     """After a short run of the default copy recipe, mirrored and greyscale copies (made by
-    imgsim.edits) find their originals; before it they mostly do not, and raw pixels miss mirrors."""
+    imgsim.evaluation.edits) find their originals; before it they mostly do not, and raw pixels miss mirrors."""
     torch.manual_seed(0)
     photos = [blob_photo(i) for i in range(32)]
     config = ModelConfig(image_size=32, channels=3, dim=32, widths=(8, 16, 32), arch="resnet", recon_size=16)
@@ -142,8 +142,8 @@ def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) ->
     # what `imgsim train` will run, decided by pipelines.train.plan_training from the files on disk
     import math
 
-    from imgsim.runs import RunPaths
-    from imgsim.sources import list_images
+    from imgsim.data.sources import list_images
+    from imgsim.io.runs import RunPaths
     from pipelines.train import plan_training, recipe_of
 
     photos, grey = tmp_path / "photos", tmp_path / "grey"

@@ -110,7 +110,7 @@ def test_image_bytes_only_for_indexed_ids(searcher: Searcher, tiny_run: tuple[Pa
 def test_an_index_from_another_model_is_refused(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil
 
-    from imgsim import model as model_lib
+    from imgsim.models import autoencoder as model_lib
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run[1], run)

@@ -33,7 +33,7 @@ API_KEY = "test-key-0123456789"
 class Served:
     base: str  # http://127.0.0.1:PORT
     run: Path
-    searcher: Any  # an in-process imgsim.search.Searcher on the same run
+    searcher: Any  # an in-process imgsim.index.search.Searcher on the same run
     images: list[Path]  # indexed image files, by id
     image_server: str  # http://127.0.0.1:PORT of a loopback static file server
 
@@ -50,10 +50,10 @@ def build_small_run(root: Path) -> Path:
     import pyarrow.parquet as pq
     import torch
 
-    from imgsim import model as model_lib
-    from imgsim.decode import decode_image
-    from imgsim.index import KMeansClusterer, KnnIndex
-    from imgsim.runs import RunPaths
+    from imgsim.data.decode import decode_image
+    from imgsim.index.knn import KMeansClusterer, KnnIndex
+    from imgsim.io.runs import RunPaths
+    from imgsim.models import autoencoder as model_lib
 
     paths = RunPaths(root / "run")
     files, labels = [], []
@@ -132,7 +132,7 @@ def served(serve_tiny_run: Path, image_server: tuple[str, Path], ray_session: No
     """The real Serve app on a free port (two applications), torn down at the end of the module."""
     from ray import serve
 
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
     from serve.app import build_app
 
     run = serve_tiny_run

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import make_pattern_image, upload_tree
 
-from imgsim import sources
 from imgsim.config import MAX_FILE_BYTES
+from imgsim.data import sources
+from imgsim.data.sources import FileTooLarge, label_for, list_images, read_bytes, s3_filesystem
 from imgsim.errors import ImgsimError
-from imgsim.sources import FileTooLarge, label_for, list_images, read_bytes, s3_filesystem
 
 
 @pytest.fixture
@@ -243,7 +243,7 @@ def test_s3_credentials_from_a_profile(
 
 
 def test_transient_failures_are_retried_and_permanent_ones_are_not() -> None:
-    from imgsim.sources import retrying, transient
+    from imgsim.data.sources import retrying, transient
 
     calls = []
 
@@ -262,7 +262,7 @@ def test_transient_failures_are_retried_and_permanent_ones_are_not() -> None:
 def test_a_file_that_could_not_be_read_is_tried_again_by_the_next_index(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from imgsim.rows import is_read_failure
+    from imgsim.data.rows import is_read_failure
     from pipelines.build_index import FILE_COLUMNS, as_file_rows, plan_work
 
     listing = pa.table(

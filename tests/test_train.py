@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import kill_tree, ray_processes, wait_for
 
-from imgsim import model as model_lib
+from imgsim.models import autoencoder as model_lib
 from pipelines.train import train
 
 pytestmark = pytest.mark.usefixtures("ray_session")

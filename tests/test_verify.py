@@ -1,4 +1,4 @@
-"""Geometric verification of duplicate candidates (`imgsim.verify`) on real image files.
+"""Geometric verification of duplicate candidates (`imgsim.duplicates.verify`) on real image files.
 
 The images: a procedurally drawn "photo" (hundreds of random shapes, lines and noise, in colour), cut
 into non-overlapping tiles. A tile's edited copies (crop + rescale, greyscale, mirror, JPEG) show the
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from toy_models import mirror_invariant_model, save_model
 
-from imgsim import alignment, verify
-from imgsim.duplicates import find_duplicates
+from imgsim.duplicates import alignment, verify
+from imgsim.duplicates.groups import find_duplicates
 
 TILE = 256
 
@@ -157,7 +157,7 @@ def test_verify_pairs_reads_each_image_and_keeps_the_order(tmp_path: Path) -> No
 def test_in_process_verification_shows_its_progress(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from imgsim.duplicates import verify_here
+    from imgsim.duplicates.groups import verify_here
 
     pieces = tiles(4)
     paths = []
@@ -221,8 +221,8 @@ def test_one_image_against_the_collection_is_verified_too(
     """`matches_of` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
     loose radius only the tile the query was cut from (and its copy) match; without bytes, the
     embedding's threshold alone decides."""
-    from imgsim.duplicates import matches_of
-    from imgsim.search import Searcher
+    from imgsim.duplicates.groups import matches_of
+    from imgsim.index.search import Searcher
 
     data, run, _ = tile_run
     searcher = Searcher.load(run)

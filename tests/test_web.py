@@ -95,7 +95,7 @@ def test_before_the_first_query_there_is_no_results_panel(page) -> None:  # noqa
 
 
 def test_upload_shows_result_thumbnails(page, web_run: Path) -> None:  # noqa: ANN001
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     searcher = Searcher.load(web_run)
     query = Path(searcher.record(5)["path"])
@@ -130,7 +130,7 @@ def test_upload_shows_result_thumbnails(page, web_run: Path) -> None:  # noqa: A
 
 
 def test_clicking_a_result_searches_by_it(page, web_run: Path) -> None:  # noqa: ANN001
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     searcher = Searcher.load(web_run)
     second = page.locator("#results .result").nth(1)

@@ -8,7 +8,7 @@ gives the same embedding for an image and its mirror. `save_model` writes it as 
 `imgsim index`, `eval`, `duplicates`, `query` and `serve` then use like a trained one.
 
 `RawPixels`: the baseline encoder (the flattened, preprocessed pixels), with the `embed` + `config`
-interface that `imgsim.copies` evaluates.
+interface that `imgsim.evaluation.copies` evaluates.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgsim import model as model_lib
+from imgsim.models import autoencoder as model_lib
 
 
 def mirror_invariant_model(

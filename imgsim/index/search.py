@@ -5,7 +5,7 @@ the nearest indexed images with distances, labels and clusters.
     s = Searcher.load("runs/fm")
     s.search("photo.jpg", k=10)  # {"query", "cluster", "results": [{"rank", "id", "path", ...}]}
 
-Every query goes through `imgsim.decode` exactly as training and indexing did.
+Every query goes through `imgsim.data.decode` exactly as training and indexing did.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgsim import model as model_lib
 from imgsim.config import DEFAULTS
-from imgsim.decode import DecodeError, decode_image, open_image, prepare_image
-from imgsim.encoders import Encoder
+from imgsim.data.decode import DecodeError, decode_image, open_image, prepare_image
+from imgsim.data.fetch import fetch_url
+from imgsim.data.rows import content_hash as hash_of_bytes
+from imgsim.data.sources import read_bytes
 from imgsim.errors import BadQuery, RunNotFound
-from imgsim.fetch import fetch_url
-from imgsim.index import KMeansClusterer, KnnIndex
-from imgsim.rows import content_hash as hash_of_bytes
-from imgsim.runs import RunPaths
-from imgsim.sources import read_bytes
+from imgsim.index.knn import KMeansClusterer, KnnIndex
+from imgsim.io.runs import RunPaths
+from imgsim.models import autoencoder as model_lib
+from imgsim.models.encoders import Encoder
 
 Query = str | os.PathLike | bytes | Image.Image | np.ndarray
 
@@ -62,7 +62,7 @@ def is_url(x: object) -> bool:
 
 
 class Searcher:
-    """A loaded run: the encoder (trained or imported, see `imgsim.encoders.Encoder`), the KMeans
+    """A loaded run: the encoder (trained or imported, see `imgsim.models.encoders.Encoder`), the KMeans
     centroids, the KNN index and the indexed records."""
 
     def __init__(
@@ -231,8 +231,8 @@ class Searcher:
     ) -> dict[str, Any]:
         """`duplicates_of` for a preprocessed uint8 (C, S, S) image and its file's content hash. With the
         file's bytes (`data`), candidates are verified geometrically as `imgsim duplicates` does
-        (`imgsim.duplicates.matches_of`); the threshold's calibration says how far candidates reach."""
-        from imgsim.duplicates import matches_of
+        (`imgsim.duplicates.groups.matches_of`); the threshold's calibration says how far candidates reach."""
+        from imgsim.duplicates.groups import matches_of
 
         if threshold is not None:
             t, source, radius = float(threshold), "given", None
@@ -249,7 +249,7 @@ class Searcher:
         edited copies; `imgsim duplicates` or `imgsim eval --copies` measure it beforehand)."""
         with self._threshold_lock:
             if self._threshold is None:
-                from imgsim.duplicates import stored_or_calibrated
+                from imgsim.duplicates.groups import stored_or_calibrated
 
                 if self.run is None:
                     raise RunNotFound("this Searcher has no run directory to calibrate in: pass threshold=")
@@ -302,7 +302,7 @@ class Searcher:
 
 
 def _display(img: Image.Image) -> Image.Image:
-    from imgsim.decode import to_mode
+    from imgsim.data.decode import to_mode
 
     return to_mode(img, 3)
 

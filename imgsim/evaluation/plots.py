@@ -15,8 +15,8 @@ from PIL import Image
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from imgsim.atomic import temp_path_beside  # noqa: E402
-from imgsim.progress import stage  # noqa: E402
+from imgsim.console.progress import stage  # noqa: E402
+from imgsim.io.atomic import temp_path_beside  # noqa: E402
 
 
 def save_figure(fig: plt.Figure, out: str | os.PathLike[str]) -> Path:
@@ -158,8 +158,8 @@ def plot_tsne_run(
     """t-SNE of RUN's indexed embeddings (RUN/index/embeddings.parquet): what `imgsim tsne` draws."""
     import json
 
-    from imgsim.rows import read_embeddings
-    from imgsim.runs import RunPaths
+    from imgsim.data.rows import read_embeddings
+    from imgsim.io.runs import RunPaths
 
     emb, cols = read_embeddings(run, columns=("label", "cluster"))
     manifest = RunPaths(run).manifest

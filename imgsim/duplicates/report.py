@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgsim.atomic import atomic_write_bytes
 from imgsim.config import DEFAULTS
-from imgsim.duplicates import Group
+from imgsim.duplicates.groups import Group
+from imgsim.io.atomic import atomic_write_bytes
 
 THUMBNAIL_SIDE = 160
 FILES = ("duplicates.jsonl", "duplicates.csv", "duplicates.html")
@@ -47,8 +47,8 @@ def write_csv(groups: Sequence[Group], path: str | os.PathLike[str]) -> None:
 
 def thumbnail_data_uri(path: str, side: int = THUMBNAIL_SIDE) -> str | None:
     """A small JPEG of the image at `path` as a data: URI, or None if it cannot be read."""
-    from imgsim.decode import DecodeError, open_image, to_mode
-    from imgsim.sources import read_bytes
+    from imgsim.data.decode import DecodeError, open_image, to_mode
+    from imgsim.data.sources import read_bytes
 
     try:
         img = to_mode(open_image(read_bytes(path), draft_size=side), 3)

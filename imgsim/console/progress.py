@@ -1,4 +1,4 @@
-"""Progress for long steps, on the console (`imgsim.console.stream()`, the user's stderr).
+"""Progress for long steps, on the console (`imgsim.console.output.stream()`, the user's stderr).
 
 - On a terminal: one live bar per stage (count, rate, ETA), replaced by one summary line when the
   stage ends.
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from imgsim import console
+from imgsim.console import output as console
 
 T = TypeVar("T")
 

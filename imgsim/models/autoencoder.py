@@ -1,6 +1,6 @@
 """The convolutional autoencoder: strided-conv encoder → bottleneck (the embedding) → transposed-conv decoder.
 
-Input is the uint8 (N, C, S, S) batch that `imgsim.decode.decode_image` produces; scaling to
+Input is the uint8 (N, C, S, S) batch that `imgsim.data.decode.decode_image` produces; scaling to
 [0, 1] happens here, so training, indexing and serving share one preprocessing path. `embed()`
 returns the search embedding: the bottleneck centred on the training-set mean (buffers saved with
 the weights), so cosine similarity compares directions around the data's centre rather than the
@@ -11,8 +11,8 @@ tried"), so the plain default only centres.
 Training objective (see `pipelines/train.py`): reconstruction of the clean image from a mildly
 augmented, noisy view (a denoising autoencoder), optionally plus an auxiliary contrastive term
 (InfoNCE, `--contrastive W`) that pulls together the embeddings of two augmented views of the same
-image, and optionally neighbour distillation (`imgsim.recipes`' `denoise-hog`): the embedding
-learns which images of a batch histograms of oriented gradients (`imgsim.hog`) find close. All are
+image, and optionally neighbour distillation (`imgsim.training.recipes`' `denoise-hog`): the embedding
+learns which images of a batch histograms of oriented gradients (`imgsim.models.hog`) find close. All are
 unsupervised; the autoencoder remains the model.
 """
 
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgsim import encoders
-from imgsim.atomic import atomic_write_bytes, atomic_write_json
 from imgsim.config import DEFAULTS
 from imgsim.errors import RunNotFound
-from imgsim.hog import orientation_histograms
-from imgsim.runs import RunPaths
+from imgsim.io.atomic import atomic_write_bytes, atomic_write_json
+from imgsim.io.runs import RunPaths
+from imgsim.models import encoders
+from imgsim.models.hog import orientation_histograms
 
 #: "0" turns bf16 off on the CPU, "1" forces it on; unset: on where the CPU computes bf16 natively.
 CPU_BF16_ENV = "IMGSIM_CPU_BF16"
@@ -104,7 +104,7 @@ class ModelConfig:
     recon_size: int = 0  # "resnet": side of the reconstruction (0 = image_size)
     blocks: int = 1  # "resnet": residual blocks per stage
     decoder_width: int = 64  # "resnet": channels of the decoder's first map (halved per upsampling)
-    recipe: str = ""  # the training recipe's name (imgsim.recipes), for the record
+    recipe: str = ""  # the training recipe's name (imgsim.training.recipes), for the record
     # the search embedding averages the bottlenecks of the image and its mirror image: mirror
     # invariance by construction, at twice the encoder's cost per indexed or query image
     mirror_symmetric: bool = False
@@ -380,7 +380,7 @@ def _no_model(path: Path, run_dir: str | os.PathLike[str]) -> RunNotFound:
 
 def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encoder:
     """Load RUN's model (no Ray needed), in eval mode, with `.config` and `.fingerprint`: the trained
-    AutoEncoder, or the encoder `imgsim import-encoder` stored (`imgsim.encoders`)."""
+    AutoEncoder, or the encoder `imgsim import-encoder` stored (`imgsim.models.encoders`)."""
     path = _model_path(run_dir)
     if not path.is_file() and encoders.is_imported(path.parent.parent):
         return encoders.load(path.parent.parent, device=device)
@@ -510,7 +510,7 @@ def training_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The denoising objective: reconstruct the clean image from an augmented view, plus InfoNCE
     between two views (`nce_weight`), plus neighbour distillation from the clean images' oriented-
-    gradient histograms (`distill_weight`; `imgsim.hog`, `neighbour_distillation`; left out of
+    gradient histograms (`distill_weight`; `imgsim.models.hog`, `neighbour_distillation`; left out of
     batches under MIN_DISTILL_BATCH images, so tiny data sets train as plain `denoise`).
 
     The parts are detached 0-d tensors: `float()` them only to show them (on a GPU each `float()`

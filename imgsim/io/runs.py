@@ -2,22 +2,22 @@
 
 ```
 RUN/
-  model/model.pt, model/config.json     the trained encoder: imgsim.model
-  model/encoder.pt|.pt2, encoder.json   or an imported one (TorchScript | torch.export): imgsim.encoders
+  model/model.pt, model/config.json     the trained encoder: imgsim.models.autoencoder
+  model/encoder.pt|.pt2, encoder.json   or an imported one (TorchScript | torch.export): imgsim.models.encoders
   checkpoints/train-state.json, <name>/ Ray Train checkpoints and what --resume needs
   plots/loss.png, plots/tsne.png, ...   plots
-  index/                                replaced whole by each `imgsim index` (imgsim.atomic)
+  index/                                replaced whole by each `imgsim index` (imgsim.io.atomic)
     embeddings.parquet                  one row per usable image; row number = result id
     files.parquet                       every listed input as the last run saw it (incremental)
     skipped.jsonl                       {"path", "reason"} per input that could not be used
     manifest.json                       data root, counts, model fingerprint, metric, index kind
-    kmeans/, knn.faiss, meta.json       KMeans centroids and the KNN index (imgsim.index)
+    kmeans/, knn.faiss, meta.json       KMeans centroids and the KNN index (imgsim.index.knn)
   .index-staging-<model>/part-*.parquet embeddings of an `imgsim index` still running (or killed)
-  duplicates/                           `imgsim duplicates` (imgsim.duplicates)
+  duplicates/                           `imgsim duplicates` (imgsim.duplicates.groups)
     calibration.json                    the calibrated threshold, its precision and the model it fits
     state/                              pairs found and images searched, for incremental reruns
     duplicates.jsonl, .csv, .html       the groups (the default --out)
-  logs/<command>-<date>-<time>/          Ray's logs of one command run (imgsim.console.RunLogs):
+  logs/<command>-<date>-<time>/          Ray's logs of one command run (imgsim.console.output.RunLogs):
     driver.log                          what the driver printed besides progress (Ray's driver logs)
     ray/                                a local Ray's session logs: raylet, workers (worker-*.out/err)
     cluster.txt                         (a joined cluster) where the cluster keeps the workers' logs
@@ -138,7 +138,7 @@ class RunPaths:
 
     @property
     def duplicates_calibration(self) -> Path:
-        """The calibrated duplicate threshold (imgsim.duplicates.calibrate)."""
+        """The calibrated duplicate threshold (imgsim.duplicates.groups.calibrate)."""
         return self.duplicates_dir / "calibration.json"
 
     @property

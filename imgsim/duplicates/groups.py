@@ -1,6 +1,6 @@
 """Exact and near-duplicate groups over an indexed collection; one image against the collection.
 
-    from imgsim.duplicates import find_duplicates
+    from imgsim.duplicates.groups import find_duplicates
     report = find_duplicates("runs/photos")        # calibrated threshold, incremental
     for group in report.groups: group.keep, group.reason, [m.path for m in group.members]
 
@@ -8,7 +8,7 @@
 - **Near duplicates**: every node's neighbours within the threshold, by range search on the run's
   KNN index (`KnnIndex.range_search`, exact or IVF): memory and time follow the matches, never an
   N x N matrix. At most `max_neighbours` per node are kept (the nearest).
-- **Geometric verification** (`imgsim.verify`, on by default): for images of 64 px or more,
+- **Geometric verification** (`imgsim.duplicates.verify`, on by default): for images of 64 px or more,
   candidates reach out to the calibration's `candidate_radius` (where 99 % of its `mix` copies lie
   from their originals), among each image's `verify_neighbours` nearest, and each candidate pair is
   checked with local features that must agree on one crop/scale/rotation/mirror. A verified pair is
@@ -22,7 +22,7 @@
 - **Keep**: the member with the most pixels, then the largest file, then the oldest (mtime, ns), then
   the first path; `reason` names the rule that decided. Members' distances are to the kept image.
 - **Threshold**: `threshold=` overrides; by default it is calibrated from edited copies
-  (`imgsim.copies`) for a target precision and stored in `RUN/duplicates/calibration.json`, reused
+  (`imgsim.evaluation.copies`) for a target precision and stored in `RUN/duplicates/calibration.json`, reused
   while the model and the target stay the same (`recalibrate=True` forces a new one).
 - **Incremental**: `RUN/duplicates/state/` keeps the pairs found and which nodes (content hashes)
   were searched; a rerun searches only new or changed images, keeping the pairs among the others,
@@ -44,21 +44,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgsim import verify as verification
-from imgsim.atomic import atomic_write_json, writing_dir
 from imgsim.config import DEFAULTS
-from imgsim.index import KnnIndex, metric_space, pair_distances
-from imgsim.rows import embedding_matrix
-from imgsim.runs import RunPaths
+from imgsim.data.rows import embedding_matrix
+from imgsim.duplicates import verify as verification
+from imgsim.index.knn import KnnIndex, metric_space, pair_distances
+from imgsim.io.atomic import atomic_write_json, writing_dir
+from imgsim.io.runs import RunPaths
 
 if TYPE_CHECKING:
-    from imgsim.copies import ChunkRunner
-    from imgsim.search import Searcher
+    from imgsim.evaluation.copies import ChunkRunner
+    from imgsim.index.search import Searcher
 
 #: Slack on "within the threshold" for float rounding (the same as the index's range search).
 TOLERANCE = 1e-6
 STATE_VERSION = 2  # 2: pairs carry their verification status
-#: Bumped whenever `imgsim.copies.calibrate_threshold` changes: a stored threshold of another version is redone.
+#: Bumped whenever `imgsim.evaluation.copies.calibrate_threshold` changes: a stored threshold of another version is redone.
 CALIBRATION_VERSION = 3
 
 
@@ -284,7 +284,7 @@ class Collection:
     shorter_sides: np.ndarray | None = None
 
     def verifiable(self, rows: np.ndarray) -> np.ndarray:
-        """Which of `rows` are large enough for geometric verification (`imgsim.verify.MIN_SIDE`);
+        """Which of `rows` are large enough for geometric verification (`imgsim.duplicates.verify.MIN_SIDE`);
         none when the index has no image sizes."""
         if self.shorter_sides is None:
             return np.zeros(len(rows), bool)
@@ -395,16 +395,16 @@ def group_embeddings(
     return out
 
 
-#: Verifies pairs of rows (`a[i]`, `b[i]`) of `paths`: their `imgsim.verify` statuses. `pipelines.duplicates`
+#: Verifies pairs of rows (`a[i]`, `b[i]`) of `paths`: their `imgsim.duplicates.verify` statuses. `pipelines.duplicates`
 #: passes one that spreads many pairs over Ray tasks.
 PairVerifier = Callable[[Sequence[str], np.ndarray, np.ndarray], np.ndarray]
 
 
 def verify_here(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The in-process `PairVerifier` (images read with `imgsim.sources.read_bytes`, local or S3), with a
+    """The in-process `PairVerifier` (images read with `imgsim.data.sources.read_bytes`, local or S3), with a
     progress bar."""
-    from imgsim.progress import bar
-    from imgsim.sources import read_bytes
+    from imgsim.console.progress import bar
+    from imgsim.data.sources import read_bytes
 
     with bar(len(a), "verify candidate pairs", "pairs") as progress:
         return verification.verify_pairs(paths, a, b, read_bytes, on_chunk=progress.update)[0]
@@ -417,8 +417,8 @@ def verify_node_pairs(
     b: np.ndarray,
     verifier: PairVerifier | None = None,
 ) -> np.ndarray:
-    """`imgsim.verify`'s status of each node pair (`a[i]`, `b[i]`), from their first rows' files."""
-    from imgsim.progress import log
+    """`imgsim.duplicates.verify`'s status of each node pair (`a[i]`, `b[i]`), from their first rows' files."""
+    from imgsim.console.progress import log
 
     started = time.perf_counter()
     status = (verifier or verify_here)(collection.paths, first_row[a], first_row[b])
@@ -457,9 +457,9 @@ def calibrate(
     runner: ChunkRunner | None = None,
 ) -> dict[str, Any]:
     """Calibrate the duplicate threshold from edited copies (trained edits and mix) and store it."""
-    from imgsim.copies import calibrate_threshold, copy_scores
-    from imgsim.edits import TRAINED_EDITS
-    from imgsim.progress import log
+    from imgsim.console.progress import log
+    from imgsim.evaluation.copies import calibrate_threshold, copy_scores
+    from imgsim.evaluation.edits import TRAINED_EDITS
 
     started = time.perf_counter()
     scores, _, originals = copy_scores(
@@ -523,7 +523,7 @@ def stored_or_calibrated(
 @dataclass
 class PairState:
     """The pairs found by the last run (by node key), each with its verification status
-    (`imgsim.verify`: verified, rejected or unverifiable), and the node keys it searched."""
+    (`imgsim.duplicates.verify`: verified, rejected or unverifiable), and the node keys it searched."""
 
     settings: dict[str, Any]
     key_a: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
@@ -633,11 +633,11 @@ def find_duplicates(
 
     `runner` runs the calibration's copy chunks (default in-process; `pipelines.duplicates` passes Ray
     tasks). `full` ignores the stored pairs and searches every image. `verify`: check candidate pairs
-    of images large enough geometrically (`imgsim.verify`), with `verifier` (default in-process).
+    of images large enough geometrically (`imgsim.duplicates.verify`), with `verifier` (default in-process).
     `nprobe`: IVF partitions the range search scans per image (default the index's; an exact index
     ignores it). Fewer is faster and may miss a pair across a partition boundary.
     """
-    from imgsim.search import Searcher
+    from imgsim.index.search import Searcher
 
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -774,7 +774,7 @@ def matches_of(
     first of all), as `{"id", "path", "distance", "exact"}`.
 
     With the query's bytes (`data`) and a candidate `radius` beyond the threshold, candidates are
-    verified geometrically as `imgsim duplicates` does (`imgsim.verify`): a verified one is a match
+    verified geometrically as `imgsim duplicates` does (`imgsim.duplicates.verify`): a verified one is a match
     out to `radius` (among the `verify_neighbours` nearest), a rejected one is not a match, and an
     unverifiable one (a small or flat image) is a match within `threshold`."""
     judged = data is not None and radius is not None and radius > threshold
@@ -790,7 +790,7 @@ def matches_of(
             i for rank, i in enumerate(ranked_ids) if found[i] <= threshold + TOLERANCE
             or rank < DEFAULTS.duplicates.verify_neighbours
         ]  # fmt: skip
-        from imgsim.sources import read_bytes
+        from imgsim.data.sources import read_bytes
 
         status = verification.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
         distance = np.array([found[i] for i in candidates], np.float64)

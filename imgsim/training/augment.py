@@ -1,11 +1,11 @@
 """Training augmentations in plain torch, on a decoded float batch (no torchvision).
 
 `CopyAugment` makes a random *edited view* of each image in a batch, imitating the edits people make
-to photos (the trained edits of `imgsim.edits`): a random crop of each side (random position, each
+to photos (the trained edits of `imgsim.evaluation.edits`): a random crop of each side (random position, each
 side drawn separately), mirror, greyscale, brightness/contrast/saturation, resampling blur (a
 down-up scaling, as rescaling and JPEG re-compression blur an image) and noise. It works on images
 decoded somewhat larger than the model input, so even a tight crop is resampled from real pixels.
-The held-out edits of `imgsim.edits` (rotation, borders, overlays, changed aspect, other codecs) are
+The held-out edits of `imgsim.evaluation.edits` (rotation, borders, overlays, changed aspect, other codecs) are
 deliberately not imitated: they measure whether the invariance generalises.
 
 Every range is a field, so a recipe states its augmentation as data.

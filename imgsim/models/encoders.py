@@ -3,8 +3,8 @@
 Every run's model, trained or imported, is an `Encoder`: `.config` (at least `image_size`,
 `channels`, `dim`), `.embed(uint8 (N, C, S, S)) -> float32 (N, D)` (scaling and normalisation
 inside, batched, no gradients, on the device it was loaded on) and `.fingerprint` (a hash of the
-stored files, which the index records). `imgsim.model.load(RUN)` returns a trained
-`imgsim.model.AutoEncoder` when RUN/model/model.pt exists and an `ImportedEncoder` (this module)
+stored files, which the index records). `imgsim.models.autoencoder.load(RUN)` returns a trained
+`imgsim.models.autoencoder.AutoEncoder` when RUN/model/model.pt exists and an `ImportedEncoder` (this module)
 when RUN/model/encoder.json does, so index, search, eval, serve and t-SNE never ask which one
 they got.
 
@@ -20,7 +20,7 @@ that is not such a model, in one line naming the file and what to do, and writes
 
 A .pt2 whose batch dimension was exported fixed (torch.export's default) is run in chunks of that
 size, the last one padded. Accepted files are stored unchanged under RUN/model/ (`RunPaths.
-encoder_file`) beside `encoder.json`, the directory swapped in whole (`imgsim.atomic`). Loading
+encoder_file`) beside `encoder.json`, the directory swapped in whole (`imgsim.io.atomic`). Loading
 runs the file's code: import only files you trust.
 """
 
@@ -43,10 +43,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from imgsim.atomic import writing_dir
 from imgsim.config import DEFAULTS
 from imgsim.errors import ImgsimError, ModelMismatch
-from imgsim.runs import RunPaths
+from imgsim.io.atomic import writing_dir
+from imgsim.io.runs import RunPaths
 
 #: The file formats `import_encoder` accepts: TorchScript (.pt) and torch.export (.pt2).
 FORMATS = ("torchscript", "export")
@@ -72,12 +72,12 @@ class EncoderSettings(Protocol):
 
 @runtime_checkable
 class Encoder(Protocol):
-    """A run's model, trained (`imgsim.model.AutoEncoder`) or imported (`ImportedEncoder`).
+    """A run's model, trained (`imgsim.models.autoencoder.AutoEncoder`) or imported (`ImportedEncoder`).
 
-    `embed` takes the uint8 (N, C, S, S) batch `imgsim.decode.decode_image` produces (C =
+    `embed` takes the uint8 (N, C, S, S) batch `imgsim.data.decode.decode_image` produces (C =
     `config.channels`, S = `config.image_size`) and returns float32 (N, `config.dim`) vectors;
     `fingerprint` changes whenever the stored model does, so an index built with another model is
-    refused or rebuilt. `imgsim.model.describe(encoder)` gives a one-line description of either.
+    refused or rebuilt. `imgsim.models.autoencoder.describe(encoder)` gives a one-line description of either.
     """
 
     config: EncoderSettings

@@ -2,14 +2,14 @@
 
 - **Ingest rows** (`pipelines.ingest.read_images`, Ray Data): `path` (str, as listed: absolute local
   path or `s3://` URI), `label` (str or null: the first sub-folder), `image` (uint8 C×S×S from
-  `imgsim.decode`), `error` (null, or why the input was skipped: its image is then all zeros and
+  `imgsim.data.decode`), `error` (null, or why the input was skipped: its image is then all zeros and
   must not be used), `content_hash` (hex digest of the file's bytes, null if unreadable), `width`
   / `height` (the original image's pixels, 0 if not decoded), `read_s` / `decode_s` (each row's
   share of its batch's seconds in those stages).
 - **Embedding rows** (`pipelines.embed`): the ingest rows without `image`, plus `embedding`
   (float32 D, zeros on an error row) and `encode_s`.
 - **File rows** (`pipelines.build_index` staging parts): the embedding rows without the timings,
-  plus `size` and `mtime` of the listed file (`imgsim.sources.ImageRef`): what incremental
+  plus `size` and `mtime` of the listed file (`imgsim.data.sources.ImageRef`): what incremental
   indexing compares.
 - **Index rows** (`RUN/index/embeddings.parquet`, one per usable image, row number = result id):
   `path`, `label`, `cluster` (int64), `embedding` (list<float32>), and `content_hash`, `width`,
@@ -114,7 +114,7 @@ def read_embeddings(
     import pyarrow.parquet as pq
 
     from imgsim.errors import RunNotFound
-    from imgsim.runs import RunPaths
+    from imgsim.io.runs import RunPaths
 
     path = RunPaths(run).embeddings
     if not path.is_file():

@@ -16,7 +16,7 @@ Two groups (issue 12):
 Each edit's ranges are data (`Edit.ranges`), so `--help` and JSON reports print what was done.
 
     rng = np.random.default_rng([seed, i])
-    copy = edit_bytes(original_bytes, "mix", rng)      # bytes, decodable by imgsim.decode
+    copy = edit_bytes(original_bytes, "mix", rng)      # bytes, decodable by imgsim.data.decode
     img = apply_edit(pil_image, "greyscale", rng)      # a PIL image (JPEG artefacts included)
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from imgsim.decode import apply_orientation, open_image, to_mode
+from imgsim.data.decode import apply_orientation, open_image, to_mode
 
 #: How an edited image is stored: (format, save options). Lossless PNG unless the edit is a codec.
 Encoding = tuple[str, dict[str, Any]]
@@ -365,7 +365,7 @@ def apply_edit(img: Image.Image, name: str, rng: np.random.Generator) -> Image.I
 def edit_bytes(data: bytes, name: str, rng: np.random.Generator) -> bytes:
     """The edited copy of an encoded image, encoded as the edit implies (JPEG, WebP, else PNG).
 
-    Raises `imgsim.decode.DecodeError` if `data` is not a usable image.
+    Raises `imgsim.data.decode.DecodeError` if `data` is not a usable image.
     """
     img = open_image(data)
     out, encoding = _run(img, name, rng)

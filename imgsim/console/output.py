@@ -2,7 +2,7 @@
 output in the run's log folder.
 
 - The **console** is the stderr the user started imgsim with (`stream()`): progress bars, stage
-  lines and one-line notices (`imgsim.progress`). stdout carries results only (`--json`).
+  lines and one-line notices (`imgsim.console.progress`). stdout carries results only (`--json`).
 - **Verbosity**: `-v/--verbose` or `IMGSIM_LOG=debug` (`verbose()`) shows Ray's driver and worker
   logs live on the console as well.
 - **RunLogs(folder)**: while a command that runs Ray jobs is running, this process's stderr (file

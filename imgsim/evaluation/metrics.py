@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from imgsim.index import KnnIndex, drop_ids
+from imgsim.index.knn import KnnIndex, drop_ids
 
 
 class Searchable(Protocol):

@@ -1,8 +1,8 @@
 """Label-free evaluation with edited copies, and the duplicate threshold calibrated from them.
 
-No labels needed: a *copy* is an indexed image after an edit of `imgsim.edits` (crop, rescale,
+No labels needed: a *copy* is an indexed image after an edit of `imgsim.evaluation.edits` (crop, rescale,
 colour, mirror, greyscale, JPEG, `mix`, and the held-out edits), made in memory from the file's
-bytes and preprocessed like any query (`imgsim.decode.prepare_image`). Each copy queries the index;
+bytes and preprocessed like any query (`imgsim.data.decode.prepare_image`). Each copy queries the index;
 its one relevant result is its original (or a byte-identical file of it: same `content_hash`).
 
 Metrics at cut-off k (default 10), each the mean over copies:
@@ -43,11 +43,11 @@ from typing import Any
 import numpy as np
 
 from imgsim.config import DEFAULTS
-from imgsim.decode import DecodeError, open_image, prepare_image
-from imgsim.edits import EDITS, HELD_OUT_EDITS, TRAINED_EDITS, apply_edit, edits_table
-from imgsim.encoders import Encoder
-from imgsim.index import KnnIndex, pair_distances
-from imgsim.sources import read_bytes
+from imgsim.data.decode import DecodeError, open_image, prepare_image
+from imgsim.data.sources import read_bytes
+from imgsim.evaluation.edits import EDITS, HELD_OUT_EDITS, TRAINED_EDITS, apply_edit, edits_table
+from imgsim.index.knn import KnnIndex, pair_distances
+from imgsim.models.encoders import Encoder
 
 #: Originals per chunk: the unit of work of one task, and the batch the encoder sees.
 CHUNK = 8

@@ -8,7 +8,7 @@ so one strong edge does not drown the rest).
 
 Such a descriptor ignores brightness and contrast and tolerates small shifts, which the pixels of
 an autoencoder's reconstruction do not; the recipe distils which images it finds close into the
-learned embedding (`imgsim.recipes`). It runs on whatever device `x` is on, without gradients.
+learned embedding (`imgsim.training.recipes`). It runs on whatever device `x` is on, without gradients.
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ mirror; a neighbour shows other points. So each candidate pair is checked like t
 3. Descriptor matches that pass Lowe's ratio test (`RATIO`), then RANSAC fits a similarity transform
    (rotation, uniform scale, shift); the transform must be plausible (scale between 1/4 and 4).
 4. The pair is **verified** when at least `MIN_INLIERS` matches agree with it (the better of the
-   image and its mirror), or, failing that, when the dense check of `imgsim.alignment` finds one image
+   image and its mirror), or, failing that, when the dense check of `imgsim.duplicates.alignment` finds one image
    a crop of the other (smooth photos give too few keypoints, or only JPEG blocks', but their shapes
    still line up); **rejected** when neither holds and both images have texture enough
    (`TEXTURED_KEYPOINTS`) that a true copy would have matched; **unverifiable** otherwise, and when an
    image is smaller than `MIN_SIDE` or cannot be read: for those the embedding's threshold alone
-   decides (`imgsim.duplicates`).
+   decides (`imgsim.duplicates.groups`).
 
 Measured on `bench/duplicates.py --part photos` (README): see there for what each setting won.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgsim import alignment
+from imgsim.duplicates import alignment
 
 #: Longer side the images are scaled to before keypoints are found.
 SIDE = 256
@@ -72,7 +72,7 @@ class Features:
     mirror_descriptors: np.ndarray | None
     #: enough texture before the contrast boost (`TEXTURED_KEYPOINTS`) that a copy would surely match
     textured: bool
-    #: `imgsim.alignment.thumbnail` of the grey image
+    #: `imgsim.duplicates.alignment.thumbnail` of the grey image
     thumbnail: np.ndarray
 
 
@@ -128,7 +128,7 @@ def _grey(data: bytes) -> np.ndarray | None:
     import cv2
     from PIL import Image
 
-    from imgsim.decode import apply_orientation
+    from imgsim.data.decode import apply_orientation
 
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
@@ -172,7 +172,7 @@ def links(status: np.ndarray, distance: np.ndarray, threshold: float, tolerance:
 
 def judge(a: Features, b: Features) -> tuple[int, int]:
     """(status, inliers) of a pair: VERIFIED with `MIN_INLIERS` or more, or when one image is a crop of the
-    other by the dense check (`imgsim.alignment.match`); else REJECTED when both images have texture
+    other by the dense check (`imgsim.duplicates.alignment.match`); else REJECTED when both images have texture
     enough that a true copy would have matched, UNVERIFIABLE when one is nearly flat (smooth gradients,
     soft blobs: their few keypoints are noise, and fewer matches prove nothing)."""
     found = inliers(a, b)

@@ -16,7 +16,7 @@ Kinds:
 
 `range_search(q, max_distance)` returns every indexed item within a distance (faiss range search,
 in chunks of queries, nearest first, optionally capped per query): what duplicate finding uses
-instead of an N x N matrix (`imgsim.duplicates`).
+instead of an N x N matrix (`imgsim.duplicates.groups`).
 
 The original design searched only within the query's predicted cluster: `search_within`. It is exact
 inside the cluster but misses neighbours across a cluster boundary; bench/search.py measures that
@@ -49,10 +49,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from imgsim.atomic import recover_dir, writing_dir
 from imgsim.config import DEFAULTS, METRICS
 from imgsim.config import INDEX_KINDS as KINDS
 from imgsim.errors import ImgsimError, ModelMismatch, RunNotFound
+from imgsim.io.atomic import recover_dir, writing_dir
 
 META_FILE = "meta.json"
 INDEX_FILE = "knn.faiss"

@@ -16,10 +16,10 @@ objective):
 - `denoise`: reconstruct the clean image from a mildly augmented, noisy view.
 - `denoise-hog` (the default for small images): `denoise`, plus neighbour distillation: within each
   batch, the embedding learns which images a hand-made descriptor of edges (histograms of oriented
-  gradients, `imgsim.hog`, computed on the clean images) finds close. Pixel reconstruction alone
+  gradients, `imgsim.models.hog`, computed on the clean images) finds close. Pixel reconstruction alone
   ranks images by their brightness layout; the edges tell a shirt from a pullover. The best measured
   for small greyscale images (Fashion-MNIST) at a few minutes of CPU (README).
-- `copy`: two edited views of each image (`imgsim.augment.CopyAugment`: crops, mirror, greyscale,
+- `copy`: two edited views of each image (`imgsim.training.augment.CopyAugment`: crops, mirror, greyscale,
   colour, resampling blur, noise); the decoder reconstructs the clean image from each view, and an
   instance-discrimination term (NT-Xent / InfoNCE) pulls the two views' embeddings together against
   the rest of the batch. This teaches the invariances people expect of "the same photo".
@@ -35,8 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgsim.augment import CopyAugment
-from imgsim.model import Augment, AutoEncoder, ModelConfig, fit_whitening, training_loss, uses_bf16
+from imgsim.models.autoencoder import (
+    Augment,
+    AutoEncoder,
+    ModelConfig,
+    fit_whitening,
+    training_loss,
+    uses_bf16,
+)
+from imgsim.training.augment import CopyAugment
 
 
 def _unwrap(model: nn.Module) -> AutoEncoder:
@@ -71,7 +78,7 @@ class Recipe:
     lr: float = 2e-3
     batch_size: int = 256
     steps: int = 1000
-    #: steps on a CPU that computes bf16 natively (`imgsim.model.uses_bf16`): more fit the same
+    #: steps on a CPU that computes bf16 natively (`imgsim.models.autoencoder.uses_bf16`): more fit the same
     #: minutes there; 0 means `steps`
     steps_native_bf16: int = 0
     notes: str = field(default="", compare=False)
@@ -80,7 +87,7 @@ class Recipe:
         return asdict(self)
 
     def train_image_size(self, config: ModelConfig) -> int:
-        """The size to decode training images at (`imgsim.decode.decode_image`): the model's input,
+        """The size to decode training images at (`imgsim.data.decode.decode_image`): the model's input,
         or larger so that crops are resampled from real pixels."""
         return max(config.image_size, round(config.image_size * self.decode_scale))
 
@@ -146,7 +153,7 @@ def embedding_statistics(
     return total.cpu(), outer.cpu(), float(count)
 
 
-# The original objective's augmentation (mild: crops 0.92-1.0, 4 % shifts; see imgsim.model.Augment).
+# The original objective's augmentation (mild: crops 0.92-1.0, 4 % shifts; see imgsim.models.autoencoder.Augment).
 _DENOISE_AUGMENT = Augment()
 
 RECIPES: dict[str, Recipe] = {

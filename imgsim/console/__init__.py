@@ -1,0 +1,1 @@
+"""Console: where output goes (the user's stderr, Ray's logs in the run) and progress of long steps."""

@@ -1,0 +1,1 @@
+"""Run files and I/O: the run-directory layout, atomic writes, and Parquet appends."""

@@ -1,0 +1,1 @@
+"""Models: the autoencoder, imported and pretrained encoders behind the one `Encoder` interface, and the feature teachers."""
