@@ -76,14 +76,15 @@ bench: install
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.serve
 
-# Re-pin: install from pyproject into a scratch venv and freeze it.
+# Re-pin: install from pyproject into a scratch venv (under build/) and freeze it.
+LOCK_VENV := build/lock-venv
 lock:
-	rm -rf /tmp/imgsim-lock && $(PYTHON) -m venv /tmp/imgsim-lock
-	/tmp/imgsim-lock/bin/pip install -q --upgrade pip
-	/tmp/imgsim-lock/bin/pip install -q '.[dev]'
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q '.[dev]'
 	(echo '# Pinned environment for `make install` (pip freeze of a working install; torch is the CPU build).'; \
 	 echo '# Regenerate: make lock'; \
-	 /tmp/imgsim-lock/bin/pip freeze | grep -v -e '^imgsim' -e '^-e' | sed 's/+cpu$$//') > requirements.lock
+	 $(LOCK_VENV)/bin/pip freeze | grep -v -e '^imgsim' -e '^-e' | sed 's/+cpu$$//') > requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 CLASSES = ("gradients", "circles", "stripes", "blocks")
 
+#: Where benchmarks keep what they generate or gather (images, photo sources, runs): `bench-cache/`
+#: at the repository root, ignored by git; `IMGSIM_BENCH_CACHE` puts it elsewhere.
+CACHE = Path(os.environ.get("IMGSIM_BENCH_CACHE") or Path(__file__).resolve().parent.parent / "bench-cache")
+
 
 def make_jpegs(out_dir: str | os.PathLike[str], n: int, size: int = 512, seed: int = 0) -> list[Path]:
     """`n` structured size×size JPEGs (gradients, shapes, stripes, text-like blocks) in class folders.

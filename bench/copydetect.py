@@ -1,11 +1,11 @@
 """Copy detection on real photos: does an edited copy of an indexed photo find its original first?
 
-Data (`bench.photo_tiles`, cached under /work/cache/photos, never in git): 512x512 textured photo
+Data (`bench.photo_tiles`, cached under bench-cache/photos, never in git): 512x512 textured photo
 tiles in two splits by source photo (`main`, for tuning; `heldout`, other photos) and as many
 smooth-gradient tiles (hard negatives). Every tile is indexed once. Queries are edited copies made
 by `imgsim.evaluation.edits` (seeded, so every run sees the same copies):
 
-- `mix` (the issue-12 protocol) of every tile: the headline P@1;
+- `mix` (every trained edit at once) of every tile: the headline P@1;
 - each single edit (crop, rescale, colour, mirror, greyscale, JPEG) and each held-out edit (rotate,
   blur, heavy crop, aspect, overlay, border, WebP, PNG-8) of a fixed subset of tiles;
 - sets: `textured` (main tiles), `gradients` (main tiles + gradient tiles, queries from both),
@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from bench import photo_tiles
+from bench.common import CACHE as BENCH_CACHE
 from imgsim.data.decode import decode_image
 from imgsim.evaluation.edits import EDITS, HELD_OUT_EDITS, copy_rng, edit_bytes
 
-CACHE = Path("/work/cache/photos")
+CACHE = BENCH_CACHE / "photos"
 SUBSET = 400  # tiles per single-edit query set (a fixed random subset)
 Embed = Callable[[np.ndarray], np.ndarray]
 

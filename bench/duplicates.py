@@ -1,4 +1,4 @@
-"""Duplicates at scale and on real photos (issue 13's targets), each figure measured in this run.
+"""Duplicates at scale and on real photos, each figure measured in this run.
 
 - scale: N (default 1M) 64-d embeddings with planted duplicate groups, grouped by
   `imgsim.duplicates.groups.group_embeddings` on an IVF `KnnIndex` (range search, complete linkage): seconds
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import CACHE
 from imgsim.duplicates.groups import group_embeddings
 from imgsim.index.knn import KnnIndex
 
@@ -138,7 +139,7 @@ def photo_tiles(out: Path, tile: int, seed: int) -> list[Path]:
     if existing:
         return existing
     files = []
-    for name, path in sorted(photo_sources(Path("/tmp/skdata/skimage/data")).items()):
+    for name, path in sorted(photo_sources(CACHE / "skdata" / "skimage" / "data").items()):
         with Image.open(path) as src:
             src.draft("RGB", (4096, 4096))
             img = src.convert("RGB")
@@ -282,9 +283,7 @@ def main() -> None:
     p.add_argument(
         "--nlist", type=int, default=None, help="scale: IVF partitions (default the index's, 2 sqrt(N))"
     )
-    p.add_argument(
-        "--work", type=Path, default=Path("/tmp/imgsim-bench-duplicates"), help="photos: working folder"
-    )
+    p.add_argument("--work", type=Path, default=CACHE / "duplicates", help="photos: working folder")
     p.add_argument("--share", type=float, default=0.25, help="photos: share of tiles given planted copies")
     p.add_argument(
         "--model", type=Path, default=None, help="photos: use this run's model instead of training"

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from bench.common import jpeg_refs, report, timed
+from bench.common import CACHE, jpeg_refs, report, timed
 from imgsim.data.decode import decode_image
 from imgsim.models import autoencoder as model_lib
 from imgsim.models.autoencoder import AutoEncoder, ModelConfig
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=12000)
     p.add_argument("--size", type=int, default=32, help="model input size (imgsim's default: 32)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, each on a fresh Ray; the best counts")
-    p.add_argument("--dir", default="/tmp/imgsim-bench-jpegs-512")
+    p.add_argument("--dir", default=str(CACHE / "jpegs-512"))
     p.add_argument(
         "--worker-env",
         choices=["inherit", "runtime-env"],

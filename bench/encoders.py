@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.common import jpeg_refs, report
+from bench.common import CACHE, jpeg_refs, report
 from imgsim.models import autoencoder as model_lib
 from imgsim.models.autoencoder import AutoEncoder, ModelConfig
 from imgsim.models.encoders import import_encoder
@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=3000)
     p.add_argument("--size", type=int, default=32, help="model input size (imgsim's default: 32)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--dir", default="/tmp/imgsim-bench-jpegs-512")
+    p.add_argument("--dir", default=str(CACHE / "jpegs-512"))
     a = p.parse_args()
     cores = len(os.sched_getaffinity(0))
     refs = jpeg_refs(a.dir, a.n)

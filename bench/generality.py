@@ -15,7 +15,7 @@ centred on the database mean, searched by cosine and scored by the same `retriev
   anywhere in the frame), mirrored half the time, with brightness/contrast/saturation jitter
   (+-15 %) and JPEG quality 60-95. Database and queries are different random views. Sources: the two
   scikit-learn sample photos, eight colour photos shipped inside the scikit-image wheel
-  (`pip install --no-deps --target /tmp/skdata scikit-image`, not a project dependency) and ten
+  (`pip install --no-deps --target bench-cache/skdata scikit-image`, not a project dependency) and ten
   photographic KDE wallpapers (`apt-get install -y plasma-workspace-wallpapers`); missing ones are
   left out and reported.
 
@@ -39,6 +39,7 @@ import numpy as np
 import sklearn
 from PIL import Image, ImageEnhance, ImageOps
 
+from bench.common import CACHE
 from imgsim.data.decode import try_decode
 from imgsim.data.sources import list_images, read_bytes
 from imgsim.evaluation.metrics import retrieval_metrics
@@ -246,7 +247,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("/work/gen-data"), help="data sets and runs go here")
+    p.add_argument("--work", type=Path, default=CACHE / "gen-data", help="data sets and runs go here")
     p.add_argument("--sets", default="clipart,photos", help="comma-separated: clipart, photos")
     p.add_argument("--epochs", type=int, default=None, help="override `imgsim train`'s default (quick tries)")
     p.add_argument(
@@ -255,7 +256,7 @@ def main() -> None:
     p.add_argument("--icons-per-class", type=int, default=500, help="clip-art images per class (both splits)")
     p.add_argument("--photo-db", type=int, default=100, help="database views per source photo")
     p.add_argument("--photo-queries", type=int, default=20, help="query views per source photo")
-    p.add_argument("--skimage-data", type=Path, default=Path("/tmp/skdata/skimage/data"))
+    p.add_argument("--skimage-data", type=Path, default=CACHE / "skdata" / "skimage" / "data")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     builders = {

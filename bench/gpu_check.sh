@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh [bench/gpu_check.py arguments, e.g. --arch NAME --stages train_gpu,eval]
 #
 # Environment: OUT (default ./gpu-check-out), PYTHON (default python3), GPU_DIR (what was carried,
-# default .gpu), IMGSIM_SITE (default /tmp/imgsim-site), GPU_CHECK_SECONDS (hard limit for the
+# default .gpu), IMGSIM_SITE (default imgsim-site in $TMPDIR), GPU_CHECK_SECONDS (hard limit for the
 # check, default 560). Arguments come after this script's own `--device cuda --time-limit`, so they
 # win: `--device cpu --quick` rehearses the whole thing on a machine without a GPU.
 set -uo pipefail
@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-SITE=${IMGSIM_SITE:-/tmp/imgsim-site}
+SITE=${IMGSIM_SITE:-${TMPDIR:-/tmp}/imgsim-site}
+RAY_TMP=${RAY_TMPDIR:-/tmp}/ray  # where Ray keeps its sessions
 LIMIT=${GPU_CHECK_SECONDS:-560}
 GPU_DIR=${GPU_DIR:-.gpu}
 exec > >(tee -a "$OUT/install.log") 2>&1
@@ -109,9 +110,9 @@ step "running the check (hard limit $left s)"
 timeout --signal=TERM --kill-after=20 "$left" $PY bench/gpu_check.py --device cuda --out "$OUT" \
   --time-limit $((left - 40)) "$@"
 rc=$?
-if [ "$rc" != 0 ] && [ -d /tmp/ray ]; then
+if [ "$rc" != 0 ] && [ -d "$RAY_TMP" ]; then
   # Ray's own logs of the last sessions, for a failure the report's error_tail does not explain
-  tar -czf "$OUT/ray-logs.tgz" -C /tmp/ray $(cd /tmp/ray && ls -d session_2* 2>/dev/null | tail -3 | sed 's|$|/logs|') 2>/dev/null
+  tar -czf "$OUT/ray-logs.tgz" -C "$RAY_TMP" $(cd "$RAY_TMP" && ls -d session_2* 2>/dev/null | tail -3 | sed 's|$|/logs|') 2>/dev/null
   [ "$(stat -c %s "$OUT/ray-logs.tgz" 2>/dev/null || echo 0)" -lt $((15 * 1024 * 1024)) ] || rm -f "$OUT/ray-logs.tgz"
 fi
 step "exit $rc after $(($(date +%s) - started)) s; report in $OUT/gpu_check.json"

@@ -63,7 +63,7 @@ STRIP=(ray/_raylet.so ray/core/src/ray/raylet/raylet ray/core/src/ray/gcs/gcs_se
 
 log() { echo "[gpu_wheels $(date +%T)] $*" >&2; }
 mkdir -p "$DEST"
-WORK=$(mktemp -d /tmp/imgsim-gpu-wheels.XXXXXX)
+WORK=$(mktemp -d -t imgsim-gpu-wheels.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 
 # 1. pinned versions from requirements.lock (names compared the way pip does: case, - _ .)

@@ -17,7 +17,7 @@ import os
 
 import ray
 
-from bench.common import jpeg_refs, report, timed
+from bench.common import CACHE, jpeg_refs, report, timed
 from imgsim.data.decode import decode_image
 from imgsim.data.sources import read_bytes
 from pipelines.ingest import read_images
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32, help="preprocessed size S (default 32)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=3)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds per side; the best counts")
-    p.add_argument("--dir", default="/tmp/imgsim-bench-jpegs-512")
+    p.add_argument("--dir", default=str(CACHE / "jpegs-512"))
     a = p.parse_args()
     cpus = len(os.sched_getaffinity(0))
     refs = jpeg_refs(a.dir, a.n)

@@ -3,10 +3,10 @@
 Sources are photographs that install offline (drawings and renders left out, by eye): KDE Plasma,
 Lomiri/UKUI and MATE wallpapers (`apt-get install -y plasma-workspace-wallpapers ukui-wallpapers
 lomiri-wallpapers mate-backgrounds`), the photos inside the scikit-image wheel (`pip install
---no-deps --target /work/cache/skdata scikit-image`, not a project dependency), scikit-learn's two
+--no-deps --target bench-cache/skdata scikit-image`, not a project dependency), scikit-learn's two
 sample images and matplotlib's one, the example photos of OpenCV's documentation and KPhotoAlbum's
 demo album (both extracted, not installed: `apt-get download opencv-doc kphotoalbum`, then `dpkg-deb
--x` each into /work/cache/debs/{opencv,kpa}). Missing sources are left out and reported.
+-x` each into bench-cache/debs/{opencv,kpa}). `bench-cache/` is `bench.common.CACHE`. Missing sources are left out and reported.
 
 Each photo is cut into 512x512 tiles at several scales (full size, then x0.71, x0.5, ... down to a
 shorter side of 512; a photo smaller than that gives one centre tile, scaled up); neighbouring
@@ -19,7 +19,7 @@ Two splits by *source photo*: `main` (recipe tuning) and `heldout` (other photos
 recipe generalises to photos it was not tuned on). `gradients`: as many smooth-gradient tiles
 (linear, multi-stop and radial blends of random colours, slight noise) as `main`, the hard negatives.
 
-    python -m bench.photo_tiles --out /work/cache/photos     # ~2 minutes, once
+    python -m bench.photo_tiles                    # into bench-cache/photos, ~2 minutes, once
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import numpy as np
 import sklearn
 from PIL import Image, ImageOps
 
+from bench.common import CACHE
+
 TILE = 512
 STRIDE = 384  # neighbouring tiles share a quarter of a side: similar, but not copies
 MIN_TEXTURE = 3.0  # mean |gradient| of the 128-px grey tile, in 0-255 units
@@ -43,7 +45,7 @@ VERSION = 1
 
 WALLPAPERS = Path("/usr/share/wallpapers")
 BACKGROUNDS = Path("/usr/share/backgrounds")
-SKIMAGE = Path("/work/cache/skdata/skimage/data")
+SKIMAGE = CACHE / "skdata" / "skimage" / "data"
 SKLEARN = Path(sklearn.__file__).parent / "datasets" / "images"
 
 #: name -> file; photographs only (chosen by eye from every wallpaper/background installed).
@@ -75,7 +77,7 @@ SKLEARN_FILES = ("china.jpg", "flower.jpg")
 MATPLOTLIB = Path(matplotlib.get_data_path()) / "sample_data"
 MATPLOTLIB_FILES = ("grace_hopper.jpg",)
 #: Extracted, not installed: `apt-get download opencv-doc kphotoalbum` and `dpkg-deb -x` each into DEBS.
-DEBS = Path("/work/cache/debs")
+DEBS = CACHE / "debs"
 OPENCV = DEBS / "opencv" / "usr/share/doc/opencv-doc/examples/data"
 OPENCV_FILES = ("aero1.jpg", "aloeL.jpg", "apple.jpg", "baboon.jpg", "building.jpg", "butterfly.jpg")
 OPENCV_FILES += ("fruits.jpg", "graf1.png", "home.jpg", "leuvenA.jpg", "left.jpg", "messi5.jpg", "orange.jpg")
@@ -213,7 +215,7 @@ def build(out: Path, seed: int = 0) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("/work/cache/photos"))
+    p.add_argument("--out", type=Path, default=CACHE / "photos")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     manifest = build(a.out, a.seed)

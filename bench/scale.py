@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.scale --n 1000000      # the real one (images generated once, cached)
     .venv/bin/python -m bench.scale --n 1000000 --json
 
-1. Generates N distinct 32×32 greyscale PNGs once into `--cache` (default /work/cache/scale, outside
+1. Generates N distinct 32×32 greyscale PNGs once into `--cache` (default bench-cache/scale, outside
    git): `n<N>/d<folder>/<id>.png`, 1,000 per folder, written by parallel processes. Every 100th
    image is a planted near-duplicate of the one before it (a brightness shift and a few changed
    pixels); every other image is distinct (its id is written into three pixels). Another 1 % of new
@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.common import CACHE
 
 REPO = Path(__file__).resolve().parent.parent
 PER_FOLDER = 1000
@@ -276,7 +278,7 @@ def has_duplicates_command() -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=20_000, help="images to index")
-    p.add_argument("--cache", default="/work/cache/scale", help="where images, model and runs are kept")
+    p.add_argument("--cache", default=str(CACHE / "scale"), help="where images, model and runs are kept")
     p.add_argument("--model", default=None, help="a run directory with a trained model (default: train one)")
     p.add_argument("--writers", type=int, default=3, help="processes writing the images")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for the loaded p50")

@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
+from bench.common import CACHE  # noqa: E402  (after the path fix above)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
@@ -257,7 +259,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=100_000, help="rows in the synthetic index")
-    p.add_argument("--work", default="/tmp/imgsim-bench-serve", help="where the run directory is cached")
+    p.add_argument("--work", default=str(CACHE / "serve"), help="where the run directory is cached")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds of load")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     p.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")

@@ -34,7 +34,7 @@ class PreprocessConfig:
 class TrainConfig:
     """Training defaults (`imgsim train`)."""
 
-    epochs: int = 8  # Fashion-MNIST (60K images): see the README's results table
+    epochs: int = 8  # Fashion-MNIST (60K images): see docs/results.md
     # With the default length, small data sets are repeated within each epoch up to this many
     # optimiser steps in all (Fashion-MNIST's 8 epochs are 1,872 steps, untouched).
     min_steps: int = 1000
@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 2e-3
     # Weight of the auxiliary contrastive (InfoNCE) term; 0 = a plain denoising autoencoder, which
-    # won at short budgets on Fashion-MNIST (README, "what was tried"): the contrastive term costs a
+    # won at short budgets on Fashion-MNIST (docs/results.md, "Before `denoise-hog`"): the contrastive term costs a
     # second encoder/decoder pass per image.
     nce_weight: float = 0.0
     workers: int = 1

@@ -51,7 +51,7 @@ def recipe_of(model: ModelConfig, nce_weight: float | None) -> Recipe:
     recipe = get_recipe(model.recipe or "denoise")
     if nce_weight is None:
         return recipe
-    # a denoising model with the contrastive term is whitened (README, "what was tried")
+    # a denoising model with the contrastive term is whitened (docs/results.md, "Before `denoise-hog`")
     whiten = {"whiten": nce_weight > 0} if recipe.objective == "denoise" else {}
     return replace(recipe, nce_weight=nce_weight, **whiten)
 

@@ -66,7 +66,7 @@ def test_contract_flags_are_accepted(command: str, flags: list[str]) -> None:
 
 
 def test_bad_arguments_exit_non_zero_with_a_reason() -> None:
-    out = _run("dataset", "fashion-mnist", "/tmp/x", "--limit", "zero")
+    out = _run("dataset", "fashion-mnist", "never-written", "--limit", "zero")
     assert out.returncode != 0
     assert "expected a whole number" in out.stderr
 

@@ -1,4 +1,4 @@
-"""The console a user sees (issue 14): progress only, Ray's own logs kept in RUN/logs/.
+"""The console a user sees: progress only, Ray's own logs kept in RUN/logs/.
 
 The real `imgsim` command runs in a subprocess, once with its output in a pipe (as CI captures it)
 and once on a pseudo-terminal: no Ray internals reach stdout/stderr by default, every stage's
@@ -29,7 +29,7 @@ from imgsim.console.progress import Progress
 IMGSIM = [sys.executable, "-m", "imgsim.cli"]
 TINY = ["--image-size", "16", "--dim", "8", "--batch-size", "8"]
 
-#: What Ray prints by itself when nobody tells it otherwise (issue 14's list), as patterns.
+#: What Ray prints by itself when nobody tells it otherwise (the lines that cluttered the console before), as patterns.
 RAY_INTERNALS = re.compile(
     r"Execution plan|streaming_executor|Checkpoint successfully created|TrainingReport\(|core_worker"
     r"|does not have any available CPUs|[Dd]eprecat|Token authentication|\(\w+ pid=\d+\)"

@@ -37,7 +37,7 @@ def cluster() -> Iterator[Any]:
         ray.shutdown()  # a driver talks to one cluster at a time
     temp_dir = tempfile.mkdtemp(prefix="imgsim-mn-", dir="/tmp")  # short: socket paths live here
     with pytest.MonkeyPatch.context() as mp:
-        # Cluster records its address in /tmp/ray/ray_current_cluster, where every `ray.init()`
+        # Cluster records its address in ray_current_cluster in Ray's temp folder, where every `ray.init()`
         # on this machine (other test runs, other users) would find and join it. Keep it private.
         mp.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
         mp.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)

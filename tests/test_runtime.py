@@ -32,7 +32,7 @@ if sys.argv[1] == "local":
     ensure_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
     out = {"local": local, "worker": ray.get(worker_env.remote()), "runtime_env": ray.get_runtime_context().runtime_env}
     ray.shutdown()
-else:  # join a running single-node cluster, kept out of /tmp/ray/ray_current_cluster
+else:  # join a running single-node cluster, kept out of Ray's ray_current_cluster file
     import ray._common.utils, ray._private.utils
     from ray.cluster_utils import Cluster
     ray._private.utils.write_ray_address = lambda *a, **k: None

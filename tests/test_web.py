@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from conftest import free_port, wait_healthy
 from test_serve import build_small_run
 
 CHROMIUM = os.environ.get("IMGSIM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOT = Path("/tmp/imgsim-web.png")
+SCREENSHOT = Path(tempfile.gettempdir()) / "imgsim-web.png"  # left for a person to look at
 K = 6
 CHROMIUM_ARGS = [
     "--headless",

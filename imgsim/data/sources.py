@@ -186,7 +186,7 @@ LIST_THREADS = 8
 #: Local folders are listed by GNU find processes (at most one per core, and `LIST_PROCESSES`), each
 #: given a share of the top-level folders: find does the `stat` of each file in C, and its output
 #: becomes Arrow columns without a Python object per file. 1M files: 5.8 s through pyarrow's
-#: listing (which holds the GIL to turn each file into a row), ~3 s with two finds (README).
+#: listing (which holds the GIL to turn each file into a row), ~3 s with two finds (docs/results.md, "A million images").
 LIST_PROCESSES = 4
 #: Starting folders handed to one find command (well under the kernel's argument-size limit).
 FIND_FOLDERS_PER_CALL = 1000
@@ -345,7 +345,7 @@ def _find_share(
     NUL), per such file `size.seconds.fraction` (its %s and %T@), which pyarrow's CSV reader parses in
     C, and the paths of symbolic links. find does not follow links itself (-H: only the starting
     folders): it then stats each file by its name in an open folder, where following links makes it
-    stat the whole path (0.4 s less on 1M files, README). A link is stat'ed here instead: a link to
+    stat the whole path (0.4 s less on 1M files, docs/results.md). A link is stat'ed here instead: a link to
     an image is listed under the link's path, a link to a folder is listed by find with every link
     followed (-L, `follow`), as is all under it; broken links are left out, as find -L leaves them."""
     parts = []

@@ -14,7 +14,7 @@ mirror or not, either image inside the other) is searched by normalised cross-co
   that much gradient correlation. Linear and radial gradients, and flat tiles, correlate with one
   another at many alignments; a copy fits at one.
 
-Measured (README, `bench/duplicates.py --part photos`): of the candidate pairs ORB did not verify, it
+Measured (docs/results.md, `bench/duplicates.py --part photos`): of the candidate pairs ORB did not verify, it
 verifies 11 of the 16 planted copies and none of the 1,259 false pairs. Against edited copies of
 held-out photo tiles and of smooth-gradient tiles, each beside its 5 nearest look-alikes: 106 of 150
 photo copies and 1 of 750 look-alikes (a tile that does contain the other, cut at another scale);

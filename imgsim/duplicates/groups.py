@@ -15,7 +15,7 @@
   a duplicate at any such distance; a rejected one (both images textured, no common geometry) is not,
   even within the threshold; an unverifiable one (a small or flat image) is one within the threshold,
   as without verification. This is what separates an edited copy from the look-alike neighbours a
-  collection of similar photos is full of (README: pair precision 0.80 -> 0.97, recall 0.16 -> 0.87-0.91).
+  collection of similar photos is full of (docs/results.md: pair precision 0.80 -> 0.97, recall 0.16 -> 0.87-0.91).
 - **No chaining**: complete linkage. Pairs are taken nearest first, and two groups merge only if
   every pair across them is linked (verified, or within the threshold on the embeddings and not
   rejected), so A~B~C with A far from C never becomes one group.

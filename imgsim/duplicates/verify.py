@@ -19,7 +19,7 @@ mirror; a neighbour shows other points. So each candidate pair is checked like t
    image is smaller than `MIN_SIDE` or cannot be read: for those the embedding's threshold alone
    decides (`imgsim.duplicates.groups`).
 
-Measured on `bench/duplicates.py --part photos` (README): see there for what each setting won.
+Measured on `bench/duplicates.py --part photos` (docs/results.md): see there for what each setting won.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ duplicate-threshold calibration and the copy-detection benchmark all make their 
 they measure the same thing. Every edit is seeded by a `numpy.random.Generator`: the same image,
 edit name and generator state give the same bytes.
 
-Two groups (issue 12):
+Two groups:
 - `TRAINED_EDITS`: crop, rescale, brightness/contrast, saturation, mirror, greyscale, JPEG, and
   `mix` (the protocol: crop + rescale + colour jitter, mirrored 30 %, greyscale 20 %, JPEG). The
   training recipe's augmentations imitate these.
@@ -142,7 +142,7 @@ def _edit_jpeg(img, rng, r):
 
 
 def _edit_mix(img, rng, r):
-    """The issue-12 protocol, in this order: crop, rescale, colour, mirror?, greyscale?, JPEG."""
+    """Every trained edit at once, in this order: crop, rescale, colour, mirror?, greyscale?, JPEG."""
     img = _crop(img, rng, r["crop_side"])
     img = _rescale(img, rng, r["longer_side"], r["filters"])
     img = _brightness_contrast(img, rng, r["brightness_contrast"])
@@ -323,7 +323,7 @@ _TABLE: tuple[Edit, ...] = (
 
 #: Every edit by name, in a stable order (trained first, then held out).
 EDITS: Mapping[str, Edit] = MappingProxyType({e.name: e for e in _TABLE})
-#: Edits the training recipe imitates (and `mix`, the issue's protocol).
+#: Edits the training recipe imitates (and `mix`, all of them at once).
 TRAINED_EDITS: tuple[str, ...] = tuple(e.name for e in _TABLE if not e.held_out)
 #: Edits training never sees: they measure generalisation.
 HELD_OUT_EDITS: tuple[str, ...] = tuple(e.name for e in _TABLE if e.held_out)

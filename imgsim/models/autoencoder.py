@@ -5,8 +5,8 @@ Input is the uint8 (N, C, S, S) batch that `imgsim.data.decode.decode_image` pro
 returns the search embedding: the bottleneck centred on the training-set mean (buffers saved with
 the weights), so cosine similarity compares directions around the data's centre rather than the
 origin. When trained with the contrastive term it is also PCA-whitened with the training-set
-covariance, which helped the contrastive model and not the plain autoencoder (README, "what was
-tried"), so the plain default only centres.
+covariance, which helped the contrastive model and not the plain autoencoder (docs/results.md,
+"Before `denoise-hog`"), so the plain default only centres.
 
 Training objective (see `pipelines/train.py`): reconstruction of the clean image from a mildly
 augmented, noisy view (a denoising autoencoder), optionally plus an auxiliary contrastive term
@@ -48,7 +48,7 @@ def uses_bf16(device: torch.device | str) -> bool:
 
     Always on a GPU. On a CPU only where it has native bf16 (AVX-512 BF16 or AMX, e.g. Xeon
     Sapphire Rapids and later), where it embeds 2.5-3.3x and trains 1.7-2.4x faster per step than
-    float32 (`python -m bench.bf16`, README); elsewhere bf16 is emulated and slower, so float32 stays.
+    float32 (`python -m bench.bf16`, docs/results.md); elsewhere bf16 is emulated and slower, so float32 stays.
     `IMGSIM_CPU_BF16=0|1` overrides the CPU's answer. The bottleneck's relative error is ~0.3 %
     (cosine distance ~1e-5 between the two), far below any duplicate threshold, so an index built
     one way and queried the other still agrees.
@@ -418,7 +418,7 @@ class Augment:
     """Batch augmentations in torch (no torchvision): random resized crop, flip, brightness/contrast."""
 
     # Mild by default: with the plain denoising objective, milder crops and shifts did better on
-    # Fashion-MNIST (README, "what was tried").
+    # Fashion-MNIST (docs/results.md, "Before `denoise-hog`").
     scale: tuple[float, float] = (0.92, 1.0)
     max_shift: float = 0.04
     flip: bool = True

@@ -53,7 +53,7 @@ FORMATS = ("torchscript", "export")
 FORMAT_NAMES = {"torchscript": "TorchScript", "export": "torch.export"}
 HOW_TO_EXPORT = (
     "export the model with torch.jit.script (or trace) + torch.jit.save, or torch.export.export + "
-    "torch.export.save (README: Bring your own encoder)"
+    "torch.export.save (docs/usage.md: Bring your own encoder)"
 )
 PROBE_BATCH = 2
 

@@ -18,7 +18,7 @@ objective):
   batch, the embedding learns which images a hand-made descriptor of edges (histograms of oriented
   gradients, `imgsim.models.hog`, computed on the clean images) finds close. Pixel reconstruction alone
   ranks images by their brightness layout; the edges tell a shirt from a pullover. The best measured
-  for small greyscale images (Fashion-MNIST) at a few minutes of CPU (README).
+  for small greyscale images (Fashion-MNIST) at a few minutes of CPU (docs/results.md).
 - `copy`: two edited views of each image (`imgsim.training.augment.CopyAugment`: crops, mirror, greyscale,
   colour, resampling blur, noise); the decoder reconstructs the clean image from each view, and an
   instance-discrimination term (NT-Xent / InfoNCE) pulls the two views' embeddings together against
@@ -160,14 +160,14 @@ RECIPES: dict[str, Recipe] = {
     "denoise": Recipe(
         name="denoise",
         objective="denoise",
-        notes="plain denoising autoencoder: Fashion-MNIST P@10 0.841 (README)",
+        notes="plain denoising autoencoder: Fashion-MNIST P@10 0.841 (docs/results.md)",
     ),
     "denoise-hog": Recipe(
         name="denoise-hog",
         objective="denoise",
         distill_weight=1.0,
         distill_temperature=0.1,
-        notes="denoise + neighbour distillation from oriented-gradient histograms (README)",
+        notes="denoise + neighbour distillation from oriented-gradient histograms (docs/results.md)",
     ),
     "copy": Recipe(
         name="copy",
@@ -179,10 +179,10 @@ RECIPES: dict[str, Recipe] = {
         decode_scale=1.25,
         lr=2e-3,
         batch_size=128,
-        # Fits the issue's 10 minutes on 2 cores through Ray Train: 800 steps took 11 min 35 s there
+        # Fits the 10-minute budget on 2 cores through Ray Train: 800 steps took 11 min 35 s there
         # (72 s per 100 steps at best; 557 s in-process) for mix P@1 0.866; docs/quality.md
         steps=700,
-        # bf16 on the CPU: 1,100 steps in 9 min 26 s, mix P@1 0.910 (700 steps: 0.866); README
+        # bf16 on the CPU: 1,100 steps in 9 min 26 s, mix P@1 0.910 (700 steps: 0.866); docs/results.md
         steps_native_bf16=1100,
     ),
 }
