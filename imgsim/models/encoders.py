@@ -50,7 +50,10 @@ from imgsim.io.runs import RunPaths
 
 #: The file formats `import_encoder` accepts: TorchScript (.pt) and torch.export (.pt2).
 FORMATS = ("torchscript", "export")
-FORMAT_NAMES = {"torchscript": "TorchScript", "export": "torch.export"}
+#: A pretrained trunk from an installed package (`imgsim.models.trunk`): no file in the run, only its name
+#: and the weights' checksum in encoder.json.
+PRETRAINED = "pretrained"
+FORMAT_NAMES = {"torchscript": "TorchScript", "export": "torch.export", PRETRAINED: "pretrained"}
 HOW_TO_EXPORT = (
     "export the model with torch.jit.script (or trace) + torch.jit.save, or torch.export.export + "
     "torch.export.save (docs/usage.md: Bring your own encoder)"
@@ -172,6 +175,9 @@ class ImportedEncoder:
         """One line: format, input, embedding size, normalisation, parameters."""
         c = self.config
         n = sum(p.numel() for p in self.parameters())
+        if c.format == PRETRAINED:
+            backend = getattr(self.module, "backend", "eager")
+            return f"pretrained {c.source} trunk, pooled ({c.channels}x{c.image_size}x{c.image_size} -> {c.dim}, {backend})"
         batch = f"fixed batch {c.batch_size}" if c.batch_size else "any batch"
         return (
             f"imported {FORMAT_NAMES[c.format]} encoder {Path(c.source).name or '?'} "
@@ -400,6 +406,8 @@ def load(run: str | os.PathLike[str], device: str = "cpu") -> ImportedEncoder:
     """RUN's imported encoder on `device` ("cpu", "cuda", "cuda:1")."""
     paths = RunPaths(run)
     config = read_config(run)
+    if config.format == PRETRAINED:
+        return _load_pretrained(config, device)
     data = paths.encoder_file(config.format).read_bytes()
     if hashlib.sha256(data).hexdigest() != config.sha256:
         raise ModelMismatch(
@@ -407,6 +415,21 @@ def load(run: str | os.PathLike[str], device: str = "cpu") -> ImportedEncoder:
             f"import the encoder again with `imgsim import-encoder FILE --out {run} --force`"
         )
     return ImportedEncoder(load_module(data, config.format, device), config, device)
+
+
+def _load_pretrained(config: EncoderConfig, device: str) -> ImportedEncoder:
+    """The trunk named in encoder.json, pooled, on its fast path; refused if the installed weights differ."""
+    from imgsim.models.fast import accelerate
+    from imgsim.models.trunk import PooledTrunk, load_trunk
+
+    trunk = load_trunk(config.source, device)
+    if trunk.weights_sha256 != config.sha256:
+        raise ModelMismatch(
+            f"the installed {config.source} weights differ from those this run was made with; "
+            f"make the run again with `imgsim import-encoder --pretrained {config.source} --out RUN --force`"
+        )
+    module = accelerate(PooledTrunk(trunk), config.image_size, config.channels, device)
+    return ImportedEncoder(module, config, device)
 
 
 def check_trainable(run: str | os.PathLike[str]) -> None:
@@ -417,6 +440,32 @@ def check_trainable(run: str | os.PathLike[str]) -> None:
             f"{paths.root} holds an imported encoder ({paths.encoder_manifest.name}), which imgsim train "
             "cannot train or resume; train into another --out RUN"
         )
+
+
+def _refuse_existing(paths: RunPaths, force: bool) -> None:
+    existing = paths.model_file if paths.model_file.is_file() else None
+    existing = existing or (paths.encoder_manifest if paths.encoder_manifest.is_file() else None)
+    if existing and not force:
+        kind = "an imported encoder" if existing == paths.encoder_manifest else "a trained model"
+        raise ImgsimError(
+            f"{paths.model_dir} already holds {kind}; choose another --out, or pass --force to replace it "
+            "(the next imgsim index then embeds everything again)"
+        )
+
+
+def _write_manifest(paths: RunPaths, config: EncoderConfig, data: bytes | None) -> None:
+    """RUN/model whole or not at all: encoder.json (and the encoder file, when there is one)."""
+    created = not paths.root.exists()
+    try:
+        with writing_dir(paths.model_dir) as tmp:
+            if data is not None:
+                (tmp / paths.encoder_file(config.format).name).write_bytes(data)
+            manifest = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+            (tmp / paths.encoder_manifest.name).write_text(manifest)
+    except BaseException:
+        if created:
+            shutil.rmtree(paths.root, ignore_errors=True)
+        raise
 
 
 def import_encoder(
@@ -435,29 +484,45 @@ def import_encoder(
     """
     started = time.perf_counter()
     paths = RunPaths(Path(run).resolve())
-    existing = paths.model_file if paths.model_file.is_file() else None
-    existing = existing or (paths.encoder_manifest if paths.encoder_manifest.is_file() else None)
-    if existing and not force:
-        kind = "an imported encoder" if existing == paths.encoder_manifest else "a trained model"
-        raise ImgsimError(
-            f"{paths.model_dir} already holds {kind}; choose another --out, or pass --force to replace it "
-            "(the next imgsim index then embeds everything again)"
-        )
+    _refuse_existing(paths, force)
     data, config = inspect_file(file, image_size, channels, mean, std)
-    created = not paths.root.exists()
-    try:
-        with writing_dir(paths.model_dir) as tmp:
-            (tmp / paths.encoder_file(config.format).name).write_bytes(data)
-            manifest = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-            (tmp / paths.encoder_manifest.name).write_text(manifest)
-    except BaseException:
-        if created:
-            shutil.rmtree(paths.root, ignore_errors=True)
-        raise
+    _write_manifest(paths, config, data)
     return {
         "run": str(paths.root),
         "model_dir": str(paths.model_dir),
         "file": str(file),
+        "fingerprint": config.fingerprint(),
+        "seconds": round(time.perf_counter() - started, 2),
+        **{k: v for k, v in config.to_dict().items() if k not in ("source",)},
+    }
+
+
+def import_pretrained(name: str, run: str | os.PathLike[str], *, force: bool = False) -> dict[str, Any]:
+    """Make RUN a zero-training run: the pretrained trunk `name` alone, its feature map averaged.
+
+    Nothing is copied: encoder.json names the trunk and its weights' checksum (part of the
+    fingerprint), and loading takes the weights from the installed package (`imgsim.models.trunk`).
+    """
+    from imgsim.models.trunk import load_trunk, trunk_spec
+
+    started = time.perf_counter()
+    spec = trunk_spec(name)
+    load_trunk(name)  # refuses a missing or corrupt package before anything is written
+    paths = RunPaths(Path(run).resolve())
+    _refuse_existing(paths, force)
+    config = EncoderConfig(
+        format=PRETRAINED,
+        image_size=spec.native_size,
+        channels=3,
+        dim=spec.channels,
+        sha256=spec.weights_sha256,
+        source=name,
+    )
+    _write_manifest(paths, config, data=None)
+    return {
+        "run": str(paths.root),
+        "model_dir": str(paths.model_dir),
+        "pretrained": name,
         "fingerprint": config.fingerprint(),
         "seconds": round(time.perf_counter() - started, 2),
         **{k: v for k, v in config.to_dict().items() if k not in ("source",)},

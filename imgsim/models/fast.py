@@ -125,7 +125,9 @@ def accelerate(
     except Exception as e:  # an operator ONNX cannot express, a shape it cannot trace
         log.warning("ONNX Runtime cannot run this encoder (%s: %s); using eager PyTorch", type(e).__name__, e)
         return EagerModule(module)
-    probe = torch.rand(PROBE_BATCH, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    probe = torch.rand(
+        PROBE_BATCH, channels, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
     cosine = matches(fast, module, probe)
     if cosine < MATCH_COSINE:
         log.warning("ONNX Runtime's outputs differ from eager PyTorch's (cosine %.6f); using eager", cosine)
