@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from imgsim import __version__
 from imgsim.console import output as console
 from imgsim.console.arguments import HelpFormatter
 from imgsim.console.command import Command, add_arguments, execute, run_as_module
@@ -78,6 +79,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"imgsim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         c = command(name)

@@ -50,18 +50,23 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_model(p)
     p.add_argument("--host", default=s.host, help="address to listen on")
     p.add_argument("--port", type=positive_int, default=s.port, help="port to listen on")
-    p.add_argument("--replicas", type=positive_int, default=s.replicas, help="Serve replicas")
+    p.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=s.replicas,
+        help="copies of the search service (Serve replicas)",
+    )
     p.add_argument(
         "--allow-private-urls",
         action="store_true",
-        help="let URL queries reach private, loopback and link-local addresses (off: SSRF protection)",
+        help="let URL queries reach private, loopback and link-local addresses (off: URLs pointing inside your network are refused)",
     )
     p.add_argument(
         "--ingress",
         choices=INGRESS_CHOICES,
         default=s.ingress,
-        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas: several times the throughput, "
-        "docs/serving.md), 'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
+        help="HTTP front end: 'haproxy' (HAProxy in front of the replicas, faster: docs/serving.md), "
+        "'proxy' (Ray Serve's own HTTP proxy), 'auto' (haproxy when installed)",
     )
     p.add_argument("--access-log", action="store_true", help="print a line per HTTP request")
 
@@ -82,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "serve",
     "serve search over HTTP (Ray Serve) with a web page",
-    "Run the Ray Serve app until interrupted: POST /search, GET /images/{id}, GET /healthz and a "
+    "Run the Ray Serve app until interrupted: POST /search, POST /duplicates, GET /images/{id}, "
+    "GET /healthz (also HEAD) and a "
     "web page at /. Set IMGSIM_API_KEY to require 'Authorization: Bearer <key>'.",
     arguments,
     run,

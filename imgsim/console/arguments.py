@@ -86,8 +86,20 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help; text is wrapped, except lines indented by two spaces (lists), kept as written."""
+class HelpFormatter(argparse.HelpFormatter):
+    """--help as users read it: an option's one default, where it has a value, after its help (an
+    option whose help already says its default, a flag, or one without a value shows none); text is
+    wrapped, except lines indented by two spaces (lists), kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        valueless = (
+            action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS
+        )
+        quiet = valueless or "default" in text
+        if quiet or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         out, paragraph = [], []

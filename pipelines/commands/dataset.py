@@ -12,7 +12,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=["fashion-mnist"], help="which data set")
     p.add_argument("out", metavar="OUT", help="folder to write the PNGs into")
     p.add_argument(
-        "--limit", type=positive_int, default=None, help="first N images per split, balanced across classes"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="first N images per split, balanced across classes (default: all)",
     )
 
 

@@ -11,9 +11,9 @@ from imgsim.console.command import Command, new_run
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="demo-run", metavar="DIR", help="folder for the data and the run")
-    p.add_argument("--limit", type=positive_int, default=None, help="images per split (default: all 60K/10K)")
+    p.add_argument("--limit", type=positive_int, default=None, help="images per split (default: all)")
     p.add_argument(
-        "--epochs", type=positive_int, default=None, help="training epochs (default: train's default)"
+        "--epochs", type=positive_int, default=None, help="training epochs (default: as imgsim train chooses)"
     )
 
 

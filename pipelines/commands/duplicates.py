@@ -32,16 +32,16 @@ def arguments(p: argparse.ArgumentParser) -> None:
         type=probability,
         default=d.precision,
         metavar="P",
-        help="target precision of the calibrated threshold (imgsim eval --copies measures the same)",
+        help="share of matches that must be true copies at the calibrated threshold (imgsim eval --copies measures the same)",
     )
     p.add_argument(
-        "--out", metavar="DIR", default=None, help="where to write the reports (default RUN/duplicates)"
+        "--out", metavar="DIR", default=None, help="where to write the reports (default: RUN/duplicates)"
     )
     p.add_argument(
         "--copies",
         type=positive_int,
         default=d.calibration_copies,
-        help="indexed images whose copies calibrate",
+        help="indexed images whose edited copies calibrate the threshold",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="which images the calibration draws")
     p.add_argument(
@@ -54,9 +54,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="decide by the embedding's threshold alone: no geometric check of candidate pairs (by "
-        "default, pairs of images of 64 px or more are checked with local features that must agree on "
-        "one crop/scale/rotation/mirror, out to the calibration's candidate_radius)",
+        help="trust the distance threshold alone: skip the check that two images show the same picture "
+        "(without this flag, pairs of images of 64 px or more must also match by their local details, "
+        "under one crop, scale, rotation or mirror)",
     )
     p.add_argument(
         "--html-groups", type=positive_int, default=d.html_groups, help="groups drawn in duplicates.html"
@@ -65,9 +65,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "--nprobe",
         type=positive_int,
         default=None,
-        help="IVF partitions each image's range search scans (default: the index's); fewer is faster and "
-        "may miss a pair across a partition boundary (at 1M images, 4 found the same groups as 16 in "
-        "a third of the time: README)",
+        help="with an ivf index: partitions each image's search scans (default: the index's); fewer is "
+        "faster and may miss a pair across partitions",
     )
     add_json(p, "print the summary as one JSON object")
 
@@ -108,11 +107,10 @@ COMMAND = Command(
     "duplicates",
     "exact and near-duplicate groups over the indexed images",
     "Group the indexed images that are duplicates: byte-identical files (same content hash), then "
-    "near-duplicates by range search on the KNN index within a distance threshold, by complete "
-    "linkage (every pair in a group is linked: no chains of look-alikes). Images of 64 px or more "
-    "are also checked geometrically: candidates out to the calibration's candidate radius must share "
-    "one crop/scale/rotation/mirror of local features to be duplicates, and look-alikes that do not "
-    "are left out even within the threshold (--no-verify: the threshold alone). Each group "
+    "near-duplicates within a distance threshold, where every pair in a group is within it (no "
+    "chains of look-alikes). Images of 64 px or more must also match by their local details, under "
+    "one crop, scale, rotation or mirror; look-alikes that do not are left out even within the "
+    "threshold (--no-verify: the threshold alone). Each group "
     "suggests which image to keep (most pixels, then largest file, then oldest) and why. The "
     "threshold is calibrated from edited copies of indexed images for --precision unless "
     "--threshold is given, and stored in RUN. Reruns search only images added since. DIR gets "

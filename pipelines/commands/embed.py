@@ -17,9 +17,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=positive_int,
         default=None,
-        help=f"embedding actors (default {DEFAULTS.index.concurrency}; with --gpu, one per GPU of the cluster)",
+        help=f"embedding processes at once (default: {DEFAULTS.index.concurrency}; with --gpu, one per GPU of the cluster)",
     )
-    p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
+    p.add_argument("--gpu", action="store_true", help="embed on GPUs, one per embedding process")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ def _precision(p: argparse.ArgumentParser, what: str) -> None:
         type=probability,
         default=DEFAULTS.duplicates.precision,
         metavar="P",
-        help=f"target precision of the {what} distance threshold, calibrated from edited copies",
+        help=f"share of matches that must be true copies at the {what} distance threshold",
     )
 
 
@@ -26,9 +26,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--queries", metavar="QDATA", default=None, help="labelled folder or s3:// prefix of query images"
     )
-    add_k(p, "cut-off k")
+    add_k(p, "how many results of each query are judged")
     p.add_argument(
-        "--within-cluster", action="store_true", help="evaluate search restricted to the predicted cluster"
+        "--within-cluster", action="store_true", help="judge search restricted to the query's cluster"
     )
     p.add_argument(
         "--copies",

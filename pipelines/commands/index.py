@@ -13,22 +13,32 @@ def arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS.index
     add_data(p)
     add_model(p, "a trained model")
-    p.add_argument("--clusters", type=positive_int, default=d.clusters, help="KMeans clusters (K)")
-    p.add_argument("--metric", choices=METRICS, default=d.metric, help="distance for KNN")
+    p.add_argument(
+        "--clusters",
+        type=positive_int,
+        default=d.clusters,
+        help="number of clusters (K) the images are grouped into",
+    )
+    p.add_argument("--metric", choices=METRICS, default=d.metric, help="distance between embeddings")
     p.add_argument(
         "--kind",
         choices=INDEX_KINDS,
         default=d.kind,
-        help=f"exact search, partitioned (IVF), or auto (IVF from {d.ivf_threshold:,} images)",
+        help=f"exact: compare a query with every image; ivf: search only the nearest partitions (faster on large collections, may miss a few); auto: ivf from {d.ivf_threshold:,} images",
     )
-    p.add_argument("--nprobe", type=positive_int, default=d.nprobe, help="IVF partitions searched per query")
+    p.add_argument(
+        "--nprobe",
+        type=positive_int,
+        default=d.nprobe,
+        help="with an ivf index: partitions searched per query; more finds more, slower",
+    )
     p.add_argument(
         "--concurrency",
         type=positive_int,
         default=None,
-        help=f"embedding actors (default {d.concurrency}; with --gpu, one per GPU of the cluster)",
+        help=f"embedding processes at once (default: {d.concurrency}; with --gpu, one per GPU of the cluster)",
     )
-    p.add_argument("--gpu", action="store_true", help="one GPU per embedding actor")
+    p.add_argument("--gpu", action="store_true", help="embed on GPUs, one per embedding process")
     p.add_argument(
         "--full", action="store_true", help="re-embed everything instead of only new or changed images"
     )
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "index",
     "embed every image, cluster (KMeans) and build the KNN index",
-    "Embed every image of DATA with the trained encoder (a Ray Data actor pool), write "
+    "Embed every image of DATA with the trained encoder (in parallel, with Ray Data), write "
     "RUN/index/embeddings.parquet and RUN/index/skipped.jsonl, fit KMeans and build the KNN index. "
     "Re-running on the same DATA embeds only new or changed images and drops removed ones.",
     arguments,

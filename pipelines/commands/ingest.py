@@ -15,7 +15,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "--image-size", type=positive_int, default=DEFAULTS.preprocess.image_size, help="decode to SxS"
     )
     p.add_argument("--channels", type=channels, default=None, help="1, 3 or auto (from a sample of DATA)")
-    p.add_argument("--concurrency", type=positive_int, default=None, help="most decode tasks at once")
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=None,
+        help="most images decoded at once (default: as many as Ray schedules)",
+    )
     p.add_argument("--skipped", metavar="FILE", help="also write the skipped inputs as JSON lines")
     p.add_argument("--show", type=int, default=20, help="skipped inputs to print")
     add_json(p)

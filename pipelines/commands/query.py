@@ -17,7 +17,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--within-cluster",
         action="store_true",
-        help="search only the query's predicted cluster (the original design; faster, lower recall)",
+        help="search only the images of the query's cluster: faster, may miss close images in other clusters",
     )
     p.add_argument(
         "--duplicates",
@@ -30,7 +30,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative_float,
         default=None,
         metavar="D",
-        help="with --duplicates: this distance",
+        help="with --duplicates: this distance instead of the run's threshold",
     )
     add_json(p)
 

@@ -25,27 +25,28 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_data(p)
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to create or resume")
     choice = p.add_argument_group(
-        "what to train (default: chosen from a sample of DATA and the hardware, and printed)",
-        f"Small images (median shorter side <= {SMALL_IMAGE_SIDE} px, e.g. Fashion-MNIST) get the small "
-        "32 px autoencoder trained as a denoising autoencoder whose embedding also learns which images "
-        "histograms of oriented gradients find close (recipe 'denoise-hog'; 'denoise' leaves that out). "
-        "Larger images (photos) get the residual "
-        "encoder at 64 px on a CPU (96 px on a GPU) trained with the 'copy' recipe: the decoder "
-        "reconstructs each image from edited views (crops, mirror, greyscale, colour, blur) while an "
-        "invariance term pulls the views' embeddings together, so an edited copy finds its original; "
-        "its embedding is mirror-symmetric. Each flag below overrides its part of that choice. On a GPU, "
-        "and on a CPU that computes bf16 natively (AVX-512 BF16 / AMX), training and embedding run in "
-        "bf16 autocast, and the 'copy' recipe takes more steps in the same minutes; IMGSIM_CPU_BF16=0 "
-        "keeps a CPU in float32.",
+        "what to train (chosen from a sample of DATA and the hardware unless set, and printed)",
+        f"Small images (median shorter side up to {SMALL_IMAGE_SIDE} px, such as Fashion-MNIST) get a "
+        "small 32 px autoencoder that learns to rebuild images from noisy versions of them (recipe "
+        "'denoise-hog', which also learns which images a classic shape descriptor finds alike; "
+        "'denoise' learns from the pixels only). Larger images (photos) get a deeper encoder at 64 px "
+        "on a CPU (96 px on a GPU) trained with the 'copy' recipe, so that an edited copy of an image "
+        "(cropped, mirrored, greyscale, recoloured, blurred) lands next to its original. Each option "
+        "below overrides its part of that choice. Where the hardware computes it fast (a GPU, or a "
+        "recent CPU), training and embedding use 16-bit floats; IMGSIM_CPU_BF16=0 keeps a CPU at full "
+        "precision.",
     )
     choice.add_argument(
-        "--arch", choices=ARCHS, default=None, help="small: 32 px conv AE; resnet: residual, GeM"
+        "--arch",
+        choices=ARCHS,
+        default=None,
+        help="small: the 32 px autoencoder; resnet: a deeper encoder for photos",
     )
     choice.add_argument(
         "--recipe",
         choices=tuple(RECIPES),
         default=None,
-        help="training objective: denoise-hog (small images), denoise (pixels only), copy (photos)",
+        help="what training optimises: denoise-hog (small images), denoise (pixels only), copy (photos)",
     )
     choice.add_argument("--image-size", type=positive_int, default=None, help="images are resized to SxS")
     choice.add_argument(
@@ -54,51 +55,49 @@ def arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="1 (greyscale), 3 (RGB) or auto (greyscale if a sample of DATA is)",
     )
-    choice.add_argument("--dim", type=positive_int, default=None, help="embedding (bottleneck) size")
-    length = p.add_argument_group("how long")
-    length.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=None,
-        help=f"exactly E passes over the data (default: the recipe's length: 'copy' {RECIPES['copy'].steps} "
-        f"steps of {RECIPES['copy'].batch_size} images on a CPU, 4x on a GPU; 'denoise' and 'denoise-hog' {t.epochs} passes, a "
-        f"small data set repeated up to {t.min_steps} steps)",
-    )
+    choice.add_argument("--dim", type=positive_int, default=None, help="embedding size")
+    length = p.add_argument_group("how long (default: as long as the recipe says)")
+    length.add_argument("--epochs", type=positive_int, default=None, help="exactly E passes over the data")
     length.add_argument(
         "--steps",
         type=positive_int,
         default=None,
-        help=f"about N optimiser steps in all, in {t.epochs} epochs",
+        help=f"about N training steps in all, spread over {t.epochs} passes",
     )
     length.add_argument(
-        "--batch-size", type=positive_int, default=None, help="global batch size (default: the recipe's)"
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per training step, across all workers (default: the recipe's)",
     )
-    length.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (AdamW, one-cycle; default: the recipe's)"
-    )
+    length.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
     length.add_argument(
         "--contrastive",
         type=non_negative_float,
         default=None,
         metavar="W",
-        help="weight of the invariance (InfoNCE) term between two edited views (default: the recipe's, "
-        f"'copy' {RECIPES['copy'].nce_weight:g}, 'denoise' {RECIPES['denoise'].nce_weight:g}: README, how the defaults were chosen)",
+        help="weight of the term that pulls two edited versions of an image together (default: the recipe's)",
     )
     where = p.add_argument_group("where")
-    where.add_argument("--workers", type=positive_int, default=t.workers, help="Ray Train workers (DDP)")
-    where.add_argument("--gpu", action="store_true", help="train on GPUs (bf16 autocast)")
+    where.add_argument(
+        "--workers",
+        type=positive_int,
+        default=t.workers,
+        help="training processes (Ray Train workers), each taking a share of every batch",
+    )
+    where.add_argument("--gpu", action="store_true", help="train on GPUs")
     where.add_argument(
         "--gpus-per-worker",
         type=positive_float,
         default=1.0,
         metavar="F",
-        help="GPUs per worker; below 1 packs several workers on one GPU (they then use gloo)",
+        help="GPUs per worker; below 1 puts several workers on one GPU",
     )
     where.add_argument(
         "--backend",
         choices=("nccl", "gloo"),
         default=None,
-        help="torch.distributed backend (default: nccl with a whole GPU per worker, else gloo)",
+        help="how workers exchange gradients (default: nccl with a whole GPU per worker, else gloo)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in RUN")
     add_json(p, "print the summary as one JSON object")
@@ -140,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 COMMAND = Command(
     "train",
     "train the autoencoder on a folder or s3:// prefix (Ray Train)",
-    "Train the convolutional autoencoder with Ray Train's TorchTrainer (DDP across --workers). "
+    "Train the autoencoder with Ray Train, data-parallel across --workers. "
     "Labels are never used: the embedding is learned without supervision. Checkpoints go under "
     "RUN/checkpoints (resume with --resume); the model under RUN/model; the loss curve to "
     "RUN/plots/loss.png.",

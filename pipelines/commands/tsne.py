@@ -11,7 +11,9 @@ from imgsim.console.command import Command
 def arguments(p: argparse.ArgumentParser) -> None:
     add_model(p, "an index")
     p.add_argument("--out", required=True, metavar="OUT.png", help="PNG to write")
-    p.add_argument("--max-points", type=positive_int, default=10_000, help="sample size")
+    p.add_argument(
+        "--max-points", type=positive_int, default=10_000, help="most points to plot (a sample of the index)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling and t-SNE")
 
 
