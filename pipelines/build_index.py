@@ -608,6 +608,7 @@ def _write(
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.index import COMMAND
 
-    sys.exit(main_for("index"))
+    sys.exit(run_as_module(COMMAND))

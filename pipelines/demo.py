@@ -120,6 +120,7 @@ def _print_summary(summary: dict[str, Any], run: Path, query_image: Path) -> Non
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.demo import COMMAND
 
-    sys.exit(main_for("demo"))
+    sys.exit(run_as_module(COMMAND))

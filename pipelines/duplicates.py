@@ -110,6 +110,7 @@ def duplicates(
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.duplicates import COMMAND
 
-    sys.exit(main_for("duplicates"))
+    sys.exit(run_as_module(COMMAND))

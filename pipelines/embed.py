@@ -224,6 +224,7 @@ def write_embeddings(
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.embed import COMMAND
 
-    sys.exit(main_for("embed"))
+    sys.exit(run_as_module(COMMAND))

@@ -199,6 +199,7 @@ def evaluate_copies_run(
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.evaluate import COMMAND
 
-    sys.exit(main_for("eval"))
+    sys.exit(run_as_module(COMMAND))

@@ -415,6 +415,7 @@ def check_images(
 
 
 if __name__ == "__main__":
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.ingest import COMMAND
 
-    sys.exit(main_for("ingest"))
+    sys.exit(run_as_module(COMMAND))

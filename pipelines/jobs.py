@@ -6,7 +6,7 @@ file cannot drift apart) and submits each one, rendered with its own small value
 `ray start --head` cluster with token authentication on, expecting every job to succeed.
 
 Each batch job's entrypoint is `python -m pipelines.X` with the same flags as `imgsim X`
-(`imgsim.cli.main_for`). `{gpu}` is " --gpu" on a GPU cluster and "" on CPUs.
+(`imgsim.console.command.run_as_module`). `{gpu}` is " --gpu" on a GPU cluster and "" on CPUs.
 """
 
 from __future__ import annotations

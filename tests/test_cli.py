@@ -78,3 +78,26 @@ def test_failure_is_one_line_on_stderr(tmp_path, capsys) -> None:
     assert code != 0
     assert err.startswith("imgsim: error:")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", CONTRACT_COMMANDS)
+def test_help_shows_one_real_default_per_option(command: str) -> None:
+    text = build_parser()._subparsers._group_actions[0].choices[command].format_help()  # type: ignore[union-attr]
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
+    for option in text.split("\n  -")[1:]:
+        assert option.count("(default") <= 1, option
+
+
+def test_version_prints_the_package_version() -> None:
+    import imgsim
+
+    out = _run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"imgsim {imgsim.__version__}"
+
+
+def test_serve_help_lists_every_route() -> None:
+    out = _run("serve", "--help")
+    flat = " ".join(out.stdout.split())
+    for route in ("POST /search", "POST /duplicates", "GET /images/{id}", "GET /healthz", "web page at /"):
+        assert route in flat

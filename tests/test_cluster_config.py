@@ -157,7 +157,7 @@ def test_rayjob_entrypoint_is_a_valid_build_index_command(monkeypatch: pytest.Mo
 
     calls: list[tuple[tuple, dict]] = []
     monkeypatch.setattr(job, "build_index", lambda *a, **kw: calls.append((a, kw)) or {})
-    monkeypatch.setattr("imgsim.cli._print_json", lambda obj: None)
+    monkeypatch.setattr("pipelines.commands.index.print_json", lambda obj: None)
     assert main_for("index", [*argv[3:], "--json"]) == 0
     ((data, run), options) = calls[0]
     assert data.startswith("s3://") and run.startswith("/mnt/imgsim/")
