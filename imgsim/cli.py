@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS
+from imgsim.config import DEFAULTS, INDEX_KINDS, INGRESS_CHOICES, METRICS, PATHS_CHOICES
 from imgsim.console import output as console
 from imgsim.errors import ImgsimError
 
@@ -697,6 +697,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
         "docs/serving.md), 'proxy' (Ray Serve's Python HTTP proxy), 'auto' (haproxy when installed)",
     )
     p.add_argument("--access-log", action="store_true", help="print a line per HTTP request")
+    p.add_argument("--paths", choices=PATHS_CHOICES, default=s.paths, help="how results show an image's path: "
+                   "relative to the indexed folder, the server's absolute path, or none")  # fmt: skip
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -710,6 +712,7 @@ def run_serve(args: argparse.Namespace) -> int:
         allow_private_urls=args.allow_private_urls,
         ingress=args.ingress,
         access_log=args.access_log,
+        paths=args.paths,
     )
     return 0
 

@@ -21,6 +21,7 @@ def serve_forever(
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
     ingress: str = DEFAULTS.serve.ingress,
     access_log: bool = False,
+    paths: str = DEFAULTS.serve.paths,
 ) -> None:
     """Serve `run` at http://host:port/ until Ctrl-C or SIGTERM."""
     from serve import ingress as front_end
@@ -39,4 +40,5 @@ def serve_forever(
         allow_private_urls=allow_private_urls,
         ingress=chosen,
         access_log=access_log,
+        paths=paths,
     )
