@@ -117,6 +117,11 @@ class ReadConfig:
 
 #: HTTP front ends for `imgsim serve --ingress` (serve/ingress.py).
 INGRESS_CHOICES = ("auto", "haproxy", "proxy")
+#: How results show an indexed image's path (`imgsim serve --paths`): relative to the indexed
+#: folder, as indexed (the server's own absolute paths), or not at all (null).
+#: Pretrained networks `imgsim import-encoder --pretrained` offers (`imgsim.models.trunk.TRUNKS`).
+PRETRAINED_TRUNKS = ("efficientnet-lite0",)
+PATHS_CHOICES = ("relative", "absolute", "none")
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,22 @@ class ServeConfig:
     max_body_bytes: int = 10 * 1024 * 1024
     max_k: int = 100
     url_timeout_s: float = 10.0
+    # URL queries may reach only globally routable addresses (imgsim.data.fetch); True lets them
+    # reach this machine and its networks too (`imgsim serve --allow-private-urls`): local use only.
     allow_private_urls: bool = False
     ingress: str = "auto"  # one of INGRESS_CHOICES: "auto" = "haproxy" when installed (serve/ingress.py)
+    paths: str = "relative"  # one of PATHS_CHOICES
+    # Queries of more pixels are refused (413): an RGBA image this size decodes to 200 MB.
+    max_query_pixels: int = 50_000_000
+    # Queries of more than imgsim.data.decode.STRIP_REDUCE_PIXELS decode at most this many at once
+    # per replica (the others wait), which bounds a replica's memory under concurrent large queries.
+    large_decodes: int = 2
+    max_json_bytes: int = 16 * 1024  # a JSON query holds a URL and k: a larger body is refused (413)
+    # A request body not complete after this long is answered 408 (slow or stalled uploads).
+    body_timeout_s: float = 30.0
+    # Serve's whole-request limit (its HTTP proxy answers 408 beyond it), and idle keep-alive.
+    request_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True)

@@ -666,6 +666,7 @@ def _log_plan(plan: TrainPlan, images: int, workers: int, use_gpu: bool, paths: 
 if __name__ == "__main__":
     import sys
 
-    from imgsim.cli import main_for
+    from imgsim.console.command import run_as_module
+    from pipelines.commands.train import COMMAND
 
-    sys.exit(main_for("train"))
+    sys.exit(run_as_module(COMMAND))

@@ -6,12 +6,15 @@ HTTP API (docs/serving.md has curl examples):
     POST /duplicates     the same inputs -> {"query", "duplicate", "threshold", "threshold_source",
                          "matches": [{"id", "path", "distance", "exact"}], "took_ms"} (k caps matches)
     GET  /images/{id}    the indexed image's bytes (ids are row numbers; nothing else is served)
-    GET  /healthz        {"status": "ok", "images": N}
-    GET  /               the web page (serve/static/)
+    GET  /healthz        {"status": "ok", "images": N} (also HEAD)
+    GET  /               the web page (serve/static/) (also HEAD)
 
 The ingress only parses and validates: queries become preprocessed arrays in the request path
 (`Searcher.to_image`), then `@serve.batch` stacks concurrent ones into a single
-`Searcher.search_preprocessed` call. Bad input is always a JSON 4xx, never a 500.
+`Searcher.search_preprocessed` call. Bad input is always a JSON 4xx, never a 500, and no request
+holds more than a bounded amount of memory: bodies are capped (size, and time to arrive), JSON
+bodies too, a query's pixels are capped and large queries decode a few at a time (`serve.guards`).
+Interactive API docs (/docs, /openapi.json) are off: docs/serving.md documents the API.
 
 Entry points: `build_app(run, ...)` (Python), `app_builder(args)` (`serve run serve/config.yaml`),
 `run(run, host, port, ...)` (`imgsim serve`).
@@ -41,11 +44,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imgsim.config import DEFAULTS
+from imgsim.config import DEFAULTS, MAX_IMAGE_PIXELS
 from imgsim.console import output as console
 from imgsim.data.rows import content_hash
 from imgsim.errors import BadQuery, ImgsimError, RunNotFound
 from imgsim.io.runs import RunPaths
+from serve.guards import LargeDecodes, PathShown, bound_allocator, release_memory
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,6 +85,14 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """A short, safe description of a client's value for an error message (no deep repr)."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"a JSON {'object' if isinstance(value, dict) else 'array' if isinstance(value, list) else type(value).__name__}"
+
+
 def parse_k(value: object, max_k: int, default: int = DEFAULTS.search.k) -> int:
     """Validate the number of results asked for: a whole number in 1..max_k, else `ApiError(400)`."""
     if value is None:
@@ -93,7 +105,7 @@ def parse_k(value: object, max_k: int, default: int = DEFAULTS.search.k) -> int:
     elif isinstance(value, str) and _INT_TEXT.fullmatch(value):
         k = int(value)
     if k is None:
-        raise ApiError(400, f"k must be a whole number between 1 and {max_k}, got {value!r}")
+        raise ApiError(400, f"k must be a whole number between 1 and {max_k}, got {_shown(value)}")
     if not 1 <= k <= max_k:
         raise ApiError(400, f"k must be between 1 and {max_k}, got {k}")
     return k
@@ -111,7 +123,7 @@ async def read_body_limited(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(400, f"invalid Content-Length header {declared!r}") from None
+            raise ApiError(400, f"invalid Content-Length header {_shown(declared)}") from None
         if size > limit:
             raise ApiError(413, f"request body is {size} bytes; the limit is {limit} bytes")
     chunks: list[bytes] = []
@@ -170,11 +182,23 @@ def _fetch_status(error: Exception) -> int:
     return 400
 
 
+def _data_root(run: str | os.PathLike[str]) -> str | None:
+    """The folder (or s3:// prefix) the run's index was built from, as its manifest records it."""
+    try:
+        data = json.loads(RunPaths(run).manifest.read_text()).get("data")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, str) and data else None
+
+
 api = FastAPI(
     title="imgsim",
     description="Image-similarity search over an indexed image collection.",
-    docs_url="/docs",
+    # No interactive docs: /docs loads its script from a public CDN (blank offline) and would be
+    # served without the API key. docs/serving.md documents every endpoint.
+    docs_url=None,
     redoc_url=None,
+    openapi_url=None,
 )
 api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -228,6 +252,11 @@ class ImgsimSearch:
         max_batch_size: int = MAX_BATCH_SIZE,
         batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
         torch_threads: int = 1,
+        paths: str = DEFAULTS.serve.paths,
+        max_query_pixels: int = DEFAULTS.serve.max_query_pixels,
+        large_decodes: int = DEFAULTS.serve.large_decodes,
+        max_json_bytes: int = DEFAULTS.serve.max_json_bytes,
+        body_timeout_s: float = DEFAULTS.serve.body_timeout_s,
     ) -> None:
         import torch
 
@@ -238,7 +267,9 @@ class ImgsimSearch:
         # oversubscribes the cores (OpenMP threads spin while they wait).
         torch.set_num_threads(max(1, torch_threads))
         set_threads(max(1, torch_threads))
+        bound_allocator()  # freed pixel buffers go back to the kernel (serve.guards)
         self.searcher = Searcher.load(run, device="cpu", allow_private_urls=allow_private_urls)
+        self.show_path = PathShown.for_paths(paths, _data_root(run), self.searcher.paths)
         self.size = len(self.searcher)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -249,17 +280,21 @@ class ImgsimSearch:
         self.max_k = max_k
         self.url_timeout_s = url_timeout_s
         self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        self.max_query_pixels = min(max_query_pixels, MAX_IMAGE_PIXELS)
+        self.large_decodes = LargeDecodes(large_decodes)
+        self.max_json_bytes = max_json_bytes
+        self.body_timeout_s = body_timeout_s
         self._search_batch.set_max_batch_size(max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("imgsim: loaded %s (%d images)", run, self.size)
 
     # --- pages and health ---------------------------------------------------------------------
 
-    @api.get("/", include_in_schema=False)
+    @api.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index_page(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict[str, Any]:
         """Liveness and readiness: answers once the index is loaded; `replica` names the replica that
         answered (which one a load balancer picked, and when a new one took over)."""
@@ -271,8 +306,11 @@ class ImgsimSearch:
     async def search(self, request: Request) -> JSONResponse:
         """Top-k similar images for an uploaded image (multipart or raw body) or an image URL."""
         started = time.perf_counter()
-        _, image, query, k = await self._read_query(request)
+        data, query, k = await self._read_query(request)
+        image = await self._decode(data, query)
         answer = await self._search_batch((image, k))
+        for result in answer["results"]:
+            result["path"] = self.show_path(result["path"])
         took_ms = (time.perf_counter() - started) * 1000.0
         return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
 
@@ -281,19 +319,23 @@ class ImgsimSearch:
         """Is the image (same inputs as /search) a duplicate of indexed ones? Every indexed image
         within the run's calibrated threshold (k caps the matches), byte-identical files first."""
         started = time.perf_counter()
-        data, image, query, k = await self._read_query(request, default_k=DEFAULTS.duplicates.max_matches)
-        digest = content_hash(data)
-        answer = await asyncio.to_thread(
-            self.searcher.duplicates_of_preprocessed, image, digest, None, k, data=data
-        )
+        data, query, k = await self._read_query(request, default_k=DEFAULTS.duplicates.max_matches)
+
+        def answer_of(image: np.ndarray) -> dict[str, Any]:
+            # verification decodes the query's bytes once more: for a large query, still in its slot
+            return self.searcher.duplicates_of_preprocessed(image, content_hash(data), None, k, data=data)
+
+        answer = await self._decode(data, query, then=answer_of)
+        for match in answer["matches"]:
+            match["path"] = self.show_path(match["path"])
         took_ms = (time.perf_counter() - started) * 1000.0
         return JSONResponse({"query": query, **answer, "took_ms": round(took_ms, 3)})
 
     async def _read_query(
         self, request: Request, default_k: int = DEFAULTS.search.k
-    ) -> tuple[bytes, np.ndarray, str, int]:
-        """(bytes, preprocessed image, query name, k) of a query request, after the API key check;
-        every bad input is an ApiError (4xx)."""
+    ) -> tuple[bytes, str, int]:
+        """(image bytes, query name, k) of a query request, after the API key check; every bad input
+        is an ApiError (4xx)."""
         _check_api_key(request, self.api_key)
         media = _media_type(request)
         kind = (
@@ -313,7 +355,11 @@ class ImgsimSearch:
             )
         k_param = request.query_params.get("k")
         k = parse_k(k_param, self.max_k, default_k)  # validated before reading the body
-        body = await read_body_limited(request, self.max_body_bytes)
+        limit = self.max_json_bytes if kind == "json" else self.max_body_bytes
+        try:
+            body = await asyncio.wait_for(read_body_limited(request, limit), self.body_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s") from None
         if kind == "multipart":
             data, query, k_field = await _multipart_image(request, body)
             if k_param is None and k_field is not None:
@@ -327,11 +373,35 @@ class ImgsimSearch:
             data, query = await self._fetch(url), url
         if not data:
             raise ApiError(400, "the image is empty")
-        if len(data) <= INLINE_DECODE_BYTES:  # small: cheaper than a thread hop
+        return data, query, k
+
+    async def _decode(self, data: bytes, query: str, then: Any = None) -> Any:
+        """The preprocessed image of `data` (or `then(image)`): refused (413) over the pixel cap; a
+        large image waits for one of the replica's large-decode slots and its memory is handed back
+        after; a small one decodes on the event loop (cheaper than a thread hop)."""
+        from imgsim.data.decode import STRIP_REDUCE_PIXELS, image_size_of
+
+        def work() -> Any:
             image = self._to_image(data, query)
-        else:  # large: keep the event loop free for other requests while it decodes
-            image = await asyncio.to_thread(self._to_image, data, query)
-        return data, image, query, k
+            return image if then is None else then(image)
+
+        size = image_size_of(data)
+        pixels = size[0] * size[1] if size else 0
+        if pixels > self.max_query_pixels:
+            raise ApiError(
+                413,
+                f"image too large ({size[0]}x{size[1]} pixels; this server's limit for a query is "
+                f"{self.max_query_pixels:,} pixels): decompression bomb guard",
+            )
+        if pixels > STRIP_REDUCE_PIXELS:
+            async with self.large_decodes.semaphore():
+                try:
+                    return await asyncio.to_thread(work)
+                finally:
+                    await asyncio.to_thread(release_memory)
+        if len(data) <= INLINE_DECODE_BYTES and then is None:
+            return work()
+        return await asyncio.to_thread(work)
 
     @staticmethod
     def _parse_json_query(body: bytes) -> tuple[str, object]:
@@ -339,6 +409,8 @@ class ImgsimSearch:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the JSON body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise ApiError(400, 'the JSON body must be an object like {"url": "https://...", "k": 10}')
         url = payload.get("url")
@@ -365,7 +437,7 @@ class ImgsimSearch:
         from imgsim.data.decode import DecodeError
 
         try:
-            return self.searcher.to_image(data)
+            return self.searcher.to_image(data, max_pixels=self.max_query_pixels)
         except (BadQuery, DecodeError) as e:
             raise ApiError(400, f"could not read {query} as an image: {e.reason}") from None
 
@@ -393,7 +465,8 @@ class ImgsimSearch:
         except (IndexError, KeyError):
             raise ApiError(404, f"no indexed image with id {image_id}") from None
         except (OSError, ImgsimError) as e:
-            raise ApiError(404, f"indexed image {image_id} can no longer be read: {e}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+            raise ApiError(404, f"indexed image {image_id} can no longer be read ({reason})") from None
         if not content_type or not content_type.startswith("image/"):
             content_type = "application/octet-stream"
         return Response(
@@ -419,11 +492,16 @@ def build_app(
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS,
     max_batch_size: int = MAX_BATCH_SIZE,
     batch_wait_timeout_s: float = BATCH_WAIT_TIMEOUT_S,
+    paths: str = DEFAULTS.serve.paths,
+    **limits: Any,
 ) -> serve.Application:
     """A bound Serve application for the run directory `run` (pass it to `serve.run`).
 
-    `api_key` defaults to the IMGSIM_API_KEY environment variable of the calling process.
+    `api_key` defaults to the IMGSIM_API_KEY environment variable of the calling process. `paths`:
+    how results show paths (`PATHS_CHOICES`); `limits`: any of `ImgsimSearch`'s other limits
+    (max_query_pixels, large_decodes, max_json_bytes, body_timeout_s), defaults in `ServeConfig`.
     """
+    PathShown(paths, None)  # an unknown choice fails here, not in the replica
     run_dir = _check_run(run)
     return ImgsimSearch.options(
         num_replicas=replicas,
@@ -439,13 +517,16 @@ def build_app(
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
         torch_threads=max(1, int(num_cpus)),
+        paths=paths,
+        **limits,
     )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Builder for `serve run serve/config.yaml`: `args` may hold `run` (else $IMGSIM_RUN) and any
     `ImgsimSearch` option (allow_private_urls, max_body_bytes, max_k, url_timeout_s, max_batch_size,
-    batch_wait_timeout_s, torch_threads). Replicas and resources come from the config's
+    batch_wait_timeout_s, torch_threads, paths, max_query_pixels, large_decodes, max_json_bytes,
+    body_timeout_s). Replicas and resources come from the config's
     `deployments:` section."""
     options = dict(args)
     run_dir = options.pop("run", None) or os.environ.get(RUN_ENV)
@@ -491,7 +572,13 @@ def start(
     """
     app = build_app(run, **options)
     logging_config = {"enable_access_log": access_log}
-    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    http_options = {
+        "host": host,
+        "port": port,
+        "request_timeout_s": DEFAULTS.serve.request_timeout_s,
+        "keep_alive_timeout_s": DEFAULTS.serve.keep_alive_timeout_s,
+    }
+    serve.start(http_options=http_options, logging_config=logging_config)
     return serve.run(app, name=APP_NAME, route_prefix=route_prefix, logging_config=logging_config)
 
 
@@ -503,6 +590,7 @@ def run(
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
     ingress: str = "Serve's HTTP proxy",
     access_log: bool = False,
+    paths: str = DEFAULTS.serve.paths,
 ) -> None:
     """Serve `run` on http://host:port/ until Ctrl-C or SIGTERM, then shut Serve and Ray down.
 
@@ -542,6 +630,7 @@ def run(
             allow_private_urls=allow_private_urls,
             num_cpus=min(1.0, cpus / replicas),
             access_log=access_log,
+            paths=paths,
         )
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
         print(f"imgsim: serving {run} at http://{shown}:{port}/ via {ingress} (Ctrl-C to stop)", flush=True)

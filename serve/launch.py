@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from imgsim.config import DEFAULTS, INGRESS_CHOICES
+from imgsim.config import DEFAULTS, INGRESS_CHOICES, PATHS_CHOICES
 from imgsim.console.arguments import add_model, positive_int
 from imgsim.console.command import Command, existing_run
 
@@ -24,6 +24,7 @@ def serve_forever(
     allow_private_urls: bool = DEFAULTS.serve.allow_private_urls,
     ingress: str = DEFAULTS.serve.ingress,
     access_log: bool = False,
+    paths: str = DEFAULTS.serve.paths,
 ) -> None:
     """Serve `run` at http://host:port/ until Ctrl-C or SIGTERM."""
     from serve import ingress as front_end
@@ -42,6 +43,7 @@ def serve_forever(
         allow_private_urls=allow_private_urls,
         ingress=chosen,
         access_log=access_log,
+        paths=paths,
     )
 
 
@@ -69,6 +71,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "'proxy' (Ray Serve's own HTTP proxy), 'auto' (haproxy when installed)",
     )
     p.add_argument("--access-log", action="store_true", help="print a line per HTTP request")
+    p.add_argument(
+        "--paths",
+        choices=PATHS_CHOICES,
+        default=DEFAULTS.serve.paths,
+        help="how answers show an image's path: relative to the indexed folder, the server's absolute path, or none",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         allow_private_urls=args.allow_private_urls,
         ingress=args.ingress,
         access_log=args.access_log,
+        paths=args.paths,
     )
     return 0
 

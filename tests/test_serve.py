@@ -1,8 +1,9 @@
 """The Serve app over real HTTP: a running Serve instance on a free loopback port, real requests.
 
 Two applications share one Serve instance (and the session's Ray runtime):
-  "/"        allow_private_urls on (to reach the loopback image server), a small body limit;
-  "/strict"  the defaults for URLs (no private addresses) and an API key.
+  "/"        allow_private_urls on (to reach the loopback image server), a small body limit,
+             absolute paths (to compare with the in-process Searcher's);
+  "/strict"  the defaults for URLs (no private addresses) and paths (relative), and an API key.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def served(serve_tiny_run: Path, image_server: tuple[str, Path], ray_session: No
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(
-            build_app(run, allow_private_urls=True, max_body_bytes=MAX_BODY, num_cpus=0.25),
+            build_app(run, allow_private_urls=True, max_body_bytes=MAX_BODY, num_cpus=0.25, paths="absolute"),
             name="imgsim-test",
             route_prefix="/",
         )
@@ -546,7 +547,13 @@ def test_api_key_lets_requests_through(served: Served) -> None:
         timeout=30,
     )
     assert r.status_code == 200, r.text
-    _assert_same_results(r.json(), served.searcher.search(path, k=3), k=3)
+    expected, answer = served.searcher.search(path, k=3), r.json()
+    # the default --paths: relative to the indexed folder, never the server's absolute path
+    for got, want in zip(answer["results"], expected["results"], strict=True):
+        assert not got["path"].startswith("/") and want["path"].endswith("/" + got["path"]), (got, want)
+        assert len(Path(got["path"]).parts) == 2  # <label>/<file>: the folder the images share is cut
+        got["path"] = want["path"]
+    _assert_same_results(answer, expected, k=3)
     r = requests.get(served.base + "/strict/images/2", headers=_bearer(API_KEY), timeout=10)
     assert r.status_code == 200 and r.content == path.read_bytes()
 

