@@ -205,7 +205,11 @@ def served(imported: dict[str, Imported]) -> Iterator[str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         for kind, case in imported.items():
-            serve.run(build_app(case.run, num_cpus=0.25, paths="absolute"), name=f"import-{kind}", route_prefix=f"/{kind}")
+            serve.run(
+                build_app(case.run, num_cpus=0.25, paths="absolute"),
+                name=f"import-{kind}",
+                route_prefix=f"/{kind}",
+            )
         base = f"http://127.0.0.1:{port}"
         for kind in imported:
             wait_healthy(f"{base}/{kind}/healthz")
