@@ -13,9 +13,10 @@ by `imgsim.evaluation.edits` (seeded, so every run sees the same copies):
 
 Every embedding is scored the same way: cosine similarity, P@1 = share of queries whose nearest
 indexed tile is their original, recall@10 likewise within the first ten. Baselines measured in the
-same run: raw pixels through the same preprocessing (`imgsim.data.decode` at the model's size, centred
-on the database mean) and the hand-made invariant descriptor (greyscale, mirror-symmetrised,
-per-image standardised 8x8 pixels).
+same run: the pretrained trunk alone (`imgsim import-encoder --pretrained efficientnet-lite0`, at
+224 px; `--no-trunk` leaves it out), raw pixels through the same preprocessing (`imgsim.data.decode`
+at the model's size, centred on the database mean) and the hand-made invariant descriptor
+(greyscale, mirror-symmetrised, per-image standardised 8x8 pixels).
 
     nice -n 10 .venv/bin/python -m bench.copydetect --baselines-only
     nice -n 10 .venv/bin/python -m bench.copydetect --run RUN          # a trained imgsim run
@@ -35,6 +36,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,6 +207,18 @@ def evaluate(
     return out
 
 
+def pretrained_trunk(name: str = "efficientnet-lite0") -> Any:
+    """The zero-training baseline: `imgsim import-encoder --pretrained NAME`'s encoder, as users get it."""
+    import tempfile
+
+    from imgsim.models import autoencoder as model_lib
+    from imgsim.models.encoders import import_pretrained
+
+    run = Path(tempfile.mkdtemp(prefix="copydetect-trunk-")) / "run"
+    import_pretrained(name, run)
+    return model_lib.load(run)
+
+
 def _is_factory(fn: Callable) -> bool:
     return getattr(fn, "is_factory", False)
 
@@ -337,6 +351,7 @@ def main() -> None:
     )
     p.add_argument("--json", type=Path, help="write every result here")
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-trunk", action="store_true", help="leave out the pretrained trunk's baseline row")
     p.add_argument(
         "--recipe", help="train in-process with this imgsim.training.recipes recipe on the main tiles"
     )
@@ -366,6 +381,11 @@ def main() -> None:
                 raw_pixel_factory(a.root, size, 3), a.root, size, 3, sets, seed=a.seed
             )
         rows["hand-made 8x8"] = evaluate(handmade, a.root, 64, 3, sets, seed=a.seed)
+        if not a.no_trunk:
+            trunk = pretrained_trunk()
+            rows["pretrained trunk alone"] = evaluate(
+                trunk.embed, a.root, trunk.config.image_size, 3, sets, seed=a.seed
+            )
         print(f"[copydetect] baselines in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     if a.recipe:
         rows |= run_recipe(a, sets)

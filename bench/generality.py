@@ -2,9 +2,11 @@
 
 Two labelled folders are built from material that installs offline, then each one goes through the
 real CLI with its defaults (`imgsim train DATA/train --out RUN`, `imgsim index DATA/train --model
-RUN`, `imgsim eval --model RUN --queries DATA/test --json`). The baseline, measured in the same run,
-is raw pixels through the same preprocessing (`imgsim.data.decode` at the model's size and channels),
-centred on the database mean, searched by cosine and scored by the same `retrieval_metrics`.
+RUN`, `imgsim eval --model RUN --queries DATA/test --json`). The baselines, measured in the same
+run: the pretrained trunk alone (`imgsim import-encoder --pretrained efficientnet-lite0`, indexed
+and evaluated the same way), and raw pixels through the same preprocessing (`imgsim.data.decode` at
+the model's size and channels), centred on the database mean, searched by cosine and scored by the
+same `retrieval_metrics`.
 
 - clipart: Oxygen icons (`apt-get install -y oxygen-icon-theme`), PNGs at 32-256 px, labelled by
   their context folder (actions, apps, devices, mimetypes, places, status). Identical files are kept
@@ -208,6 +210,14 @@ def handmade_metrics(data: Path, k: int = 10) -> dict:
     return retrieval_metrics(q, q_labels, db, db_labels, k=k, metric="cosine")
 
 
+def trunk_alone(data: Path, run: Path) -> dict:
+    """The zero-training column, through the CLI: import-encoder --pretrained, index, eval."""
+    shutil.rmtree(run, ignore_errors=True)
+    imgsim("import-encoder", "--pretrained", "efficientnet-lite0", "--out", str(run))
+    imgsim("index", str(data / "train"), "--model", str(run))
+    return imgsim("eval", "--model", str(run), "--queries", str(data / "test"))
+
+
 def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: list[str]) -> dict:
     """Train, index and evaluate `data` with the CLI's defaults; the raw-pixel baseline beside it."""
     run = runs / name
@@ -225,6 +235,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
     train_s = time.perf_counter() - started
     imgsim("index", str(data / "train"), "--model", str(run))
     ae = imgsim("eval", "--model", str(run), "--queries", str(data / "test"))
+    trunk = trunk_alone(data, runs / f"{name}-trunk")
     raw, hog = model_size_baselines(run, data)
     hand = handmade_metrics(data)
     assert (raw["database"], raw["queries"]) == (ae["database"], ae["queries"]), (raw, ae)
@@ -237,6 +248,7 @@ def measure(name: str, data: Path, runs: Path, epochs: int | None, train_args: l
         "model": f"{trained['arch']}, {trained['recipe']}",
         "steps": trained["steps"],
         "P@10 autoencoder": ae["precision_at_k"],
+        "P@10 pretrained trunk alone": trunk["precision_at_k"],
         "P@10 raw pixels": raw["precision_at_k"],
         "P@10 hand-made": hand["precision_at_k"],
         "P@10 oriented gradients": hog["precision_at_k"],
