@@ -57,7 +57,7 @@ def base_url(web_run: Path, ray_session: None) -> Iterator[str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(web_run, num_cpus=0.25), name="imgsim-web", route_prefix="/")
+        serve.run(build_app(web_run, num_cpus=0.25, paths="absolute"), name="imgsim-web", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base + "/healthz")
         yield base
