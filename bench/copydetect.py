@@ -214,9 +214,11 @@ def pretrained_trunk(name: str = "efficientnet-lite0") -> Any:
     from imgsim.models import autoencoder as model_lib
     from imgsim.models.encoders import import_pretrained
 
-    run = Path(tempfile.mkdtemp(prefix="copydetect-trunk-")) / "run"
-    import_pretrained(name, run)
-    return model_lib.load(run)
+    with tempfile.TemporaryDirectory(
+        prefix="copydetect-trunk-"
+    ) as d:  # the loaded encoder keeps no file open
+        import_pretrained(name, Path(d) / "run")
+        return model_lib.load(Path(d) / "run")
 
 
 def _is_factory(fn: Callable) -> bool:

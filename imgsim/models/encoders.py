@@ -174,10 +174,10 @@ class ImportedEncoder:
     def describe(self) -> str:
         """One line: format, input, embedding size, normalisation, parameters."""
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
         if c.format == PRETRAINED:
             backend = getattr(self.module, "backend", "eager")
             return f"pretrained {c.source} trunk, pooled ({c.channels}x{c.image_size}x{c.image_size} -> {c.dim}, {backend})"
+        n = sum(p.numel() for p in self.parameters())
         batch = f"fixed batch {c.batch_size}" if c.batch_size else "any batch"
         return (
             f"imported {FORMAT_NAMES[c.format]} encoder {Path(c.source).name or '?'} "
