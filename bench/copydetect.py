@@ -7,7 +7,11 @@ by `imgsim.evaluation.edits` (seeded, so every run sees the same copies):
 
 - `mix` (every trained edit at once) of every tile: the headline P@1;
 - each single edit (crop, rescale, colour, mirror, greyscale, JPEG) and each held-out edit (rotate,
-  blur, heavy crop, aspect, overlay, border, WebP, PNG-8) of a fixed subset of tiles;
+  blur, heavy crop, aspect, overlay, border, WebP, PNG-8) of a fixed subset of tiles (the "copy"
+  recipe never trains on these; the pretrained-trunk model's views include rotations, heavy crops,
+  aspect changes, blur, overlays and borders, so for it they are not held out);
+- `unseen3`: three edits no recipe trains on, combined in one copy (`imgsim.evaluation.unseen`:
+  perspective, noise, pixelation, hue, stickers, a canvas, ...), then WebP, of the same subset;
 - sets: `textured` (main tiles), `gradients` (main tiles + gradient tiles, queries from both),
   `heldout` (held-out photos).
 
@@ -46,6 +50,7 @@ from bench import photo_tiles
 from bench.common import CACHE as BENCH_CACHE
 from imgsim.data.decode import decode_image
 from imgsim.evaluation.edits import EDITS, HELD_OUT_EDITS, copy_rng, edit_bytes
+from imgsim.evaluation.unseen import unseen_combo_bytes
 
 CACHE = BENCH_CACHE / "photos"
 SUBSET = 400  # tiles per single-edit query set (a fixed random subset)
@@ -65,9 +70,16 @@ def _decode_one(args: tuple[str, int, int]) -> np.ndarray:
     return decode_image(Path(path).read_bytes(), size, channels)
 
 
+#: The query set of three never-trained edits combined (`imgsim.evaluation.unseen`).
+UNSEEN3 = "unseen3"
+
+
 def _copy_one(args: tuple[str, str, int, int, tuple[int, ...], int]) -> list[np.ndarray]:
     path, edit, seed, index, sizes, channels = args
-    data = edit_bytes(Path(path).read_bytes(), edit, copy_rng(seed, index))
+    if edit == UNSEEN3:
+        data = unseen_combo_bytes(Path(path).read_bytes(), copy_rng(seed + 7, index), k=3)
+    else:
+        data = edit_bytes(Path(path).read_bytes(), edit, copy_rng(seed, index))
     return [decode_image(data, size, channels) for size in sizes]
 
 
@@ -164,7 +176,7 @@ def evaluate(
     size: int,
     channels: int,
     sets: tuple[str, ...] = ("textured", "gradients", "heldout"),
-    edits: tuple[str, ...] = tuple(EDITS),
+    edits: tuple[str, ...] = (*EDITS, UNSEEN3),
     seed: int = 0,
 ) -> dict[str, dict]:
     """{set: {"mix": {...}, "per_edit": {edit: {...}}, ...}} for one embedding function.
@@ -203,6 +215,8 @@ def evaluate(
         held = [per_edit[e]["precision_at_1"] for e in HELD_OUT_EDITS if e in per_edit]
         if held:
             result["held_out_edits_precision_at_1"] = float(np.mean(held))
+        if UNSEEN3 in per_edit:
+            result["unseen3_precision_at_1"] = per_edit[UNSEEN3]["precision_at_1"]
         out[name] = result
     return out
 
@@ -241,7 +255,16 @@ def raw_pixel_factory(root: Path, size: int, channels: int) -> Callable[[str], E
 
 def table(rows: dict[str, dict[str, dict]]) -> str:
     """Markdown: one row per method, columns = headline P@1 per set, greyscale, mirror, held-out mean."""
-    cols = ["textured", "grey", "mirror", "held-out edits", "gradients", "heldout photos"]
+    cols = [
+        "textured",
+        "grey",
+        "mirror",
+        "held-out edits",
+        "unseen3",
+        "gradients",
+        "heldout photos",
+        "heldout unseen3",
+    ]
     lines = ["| method | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for method, res in rows.items():
         t = res.get("textured", {})
@@ -250,8 +273,10 @@ def table(rows: dict[str, dict[str, dict]]) -> str:
             t.get("per_edit", {}).get("greyscale", {}).get("precision_at_1"),
             t.get("per_edit", {}).get("mirror", {}).get("precision_at_1"),
             t.get("held_out_edits_precision_at_1"),
+            t.get("unseen3_precision_at_1"),
             res.get("gradients", {}).get("precision_at_1"),
             res.get("heldout", {}).get("precision_at_1"),
+            res.get("heldout", {}).get("unseen3_precision_at_1"),
         ]
         lines.append(f"| {method} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)

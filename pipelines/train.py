@@ -37,7 +37,15 @@ from imgsim.io.runs import RunPaths
 from imgsim.models import autoencoder as model_lib
 from imgsim.models.autoencoder import AutoEncoder, ModelConfig, autocast, fit_whitening, memory_format
 from imgsim.models.encoders import check_trainable
-from imgsim.training.recipes import Recipe, choose, embedding_statistics, get_recipe
+from imgsim.training.recipes import (
+    Recipe,
+    choose,
+    embedding_statistics,
+    fit_trunk_embedding,
+    get_recipe,
+    trunk_statistics,
+)
+from imgsim.training.view_features import ViewFeaturizer, views_for
 from pipelines.ingest import list_inputs, read_images, sample_data
 from pipelines.runtime import ensure_ray, gpu_or_cpu
 
@@ -105,10 +113,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started, seen, steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         posted = 0.0
-        for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda):
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=layout)
+        for batch in _batches(shard, per_worker_batch, config["steps_per_epoch"], use_cuda, recipe.columns):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if "image" in batch:
+                batch["image"] = batch["image"].contiguous(memory_format=layout)
+            x = next(iter(batch.values()))
             with autocast(device):
-                loss, parts = recipe.loss(model, x)
+                loss, parts = recipe.batch_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -167,7 +178,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=None)
 
 
-def _batches(shard: Any, batch_size: int, steps: int, pin_memory: bool) -> Any:
+def _batches(
+    shard: Any, batch_size: int, steps: int, pin_memory: bool, columns: dict[str, torch.dtype]
+) -> Any:
     """Exactly `steps` batches from the shard: passes over it as often as needed (a small data set
     is repeated within an epoch), and the same count on every worker (DDP needs it)."""
     done = 0
@@ -175,7 +188,7 @@ def _batches(shard: Any, batch_size: int, steps: int, pin_memory: bool) -> Any:
         passed = done
         for batch in shard.iter_torch_batches(
             batch_size=batch_size,
-            dtypes={"image": torch.uint8},
+            dtypes=columns,
             device="cpu",
             drop_last=True,
             prefetch_batches=4,
@@ -203,26 +216,39 @@ def _fit_embedding(
     """Fit the embedding's centring (and whitening, if the recipe asks) on a sample of the training
     data, summed over all workers (`imgsim.training.recipes.embedding_statistics`)."""
     device = next(ae.parameters()).device
+    column = "features" if recipe.objective == "trunk" else "image"
 
     def batches() -> Any:
         for i, batch in enumerate(
-            shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8})
+            shard.iter_torch_batches(batch_size=batch_size, dtypes={column: recipe.columns[column]})
         ):
             if i >= max_batches:
                 return
-            yield batch["image"]
+            # "trunk": the clean images' trunk features (row 0 of each image's views)
+            yield batch[column][:, 0].float() if column == "features" else batch[column]
 
-    total, outer, count = embedding_statistics(ae, batches())
-    if world > 1:
-        stats = [
-            total.to(device),
-            outer.to(device),
-            torch.tensor([count], dtype=torch.float64, device=device),
-        ]
-        for t in stats:
-            torch.distributed.all_reduce(t)
-        total, outer, count = stats[0].cpu(), stats[1].cpu(), float(stats[2].item())
+    if recipe.objective == "trunk":
+        sums = trunk_statistics(ae, batches())
+        fit_trunk_embedding(ae, *_sum_across_workers(sums, device, world))
+        return
+    total, outer, count = _sum_across_workers(embedding_statistics(ae, batches()), device, world)
     fit_whitening(ae, total, outer, count, whiten=recipe.whiten)
+
+
+def _sum_across_workers(sums: tuple[Any, ...], device: torch.device, world: int) -> tuple[Any, ...]:
+    """Tensors and counts summed over all workers (unchanged with one)."""
+    if world == 1:
+        return sums
+    out = []
+    for value in sums:
+        t = (
+            value.to(device)
+            if isinstance(value, torch.Tensor)
+            else torch.tensor([value], dtype=torch.float64, device=device)
+        )
+        torch.distributed.all_reduce(t)
+        out.append(t.cpu() if isinstance(value, torch.Tensor) else float(t.item()))
+    return tuple(out)
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -363,6 +389,8 @@ def training_dataset(data: str, refs: list[ImageRef], plan: TrainPlan) -> ray.da
     they fit in memory."""
     model, size = plan.model, plan.decode_size
     ds = read_images(data, size, model.channels, refs=refs, keep_errors=False)
+    if plan.recipe.objective == "trunk":
+        return _trunk_features_dataset(ds, data, refs, plan)
     ds = ds.select_columns(["image"])
     est_bytes = len(refs) * model.channels * size**2
     if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
@@ -382,6 +410,49 @@ def training_dataset(data: str, refs: list[ImageRef], plan: TrainPlan) -> ray.da
     # print three more bars every epoch.
     ds.context.enable_progress_bars = False
     return ds
+
+
+def _trunk_features_dataset(
+    ds: ray.data.Dataset, data: str, refs: list[ImageRef], plan: TrainPlan
+) -> ray.data.Dataset:
+    """ "trunk" recipes: every image's trunk features, clean and of its edited views, computed once
+    (`imgsim.training.view_features`) and kept for all epochs."""
+    model = plan.model
+    views = plan.recipe.views or views_for(len(refs))
+    log(
+        f"train: the trunk's features of each image and {views} edited views of it are computed once "
+        f"({len(refs) * (views + 1):,} trunk passes), then the head trains on them"
+    )
+    ds = ds.select_columns(["path", "image"]).map_batches(
+        ViewFeaturizer,
+        fn_constructor_kwargs={
+            "trunk": model.trunk,
+            "image_size": model.image_size,
+            "recon_size": model.recon_size or model.image_size,
+            "views": views,
+            "threads": 1,
+        },
+        batch_size=VIEW_BATCH,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=DEFAULTS.index.concurrency),
+        num_cpus=1,
+    )
+    with stage("trunk features", len(refs), "images") as p:
+        ds = ds.materialize()
+        done = ds.count()
+        p.set(done)
+    if done < len(refs):
+        log(
+            f"skipped {len(refs) - done:,} of {len(refs):,} files that could not be read or decoded "
+            f"(to list them: imgsim ingest {data} --skipped FILE)"
+        )
+    ds = ds.randomize_block_order()
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+#: Images per trunk-features task (each makes views + 1 trunk passes).
+VIEW_BATCH = 16
 
 
 def make_trainer(

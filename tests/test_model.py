@@ -63,8 +63,8 @@ def test_fingerprint_changes_with_weights(tmp_path: Path) -> None:
 
 def test_info_nce_is_low_for_matching_views_and_high_for_shuffled() -> None:
     z = torch.randn(32, 16)
-    matched = info_nce(z, z + 0.01 * torch.randn_like(z))
-    shuffled = info_nce(z, z[torch.randperm(32)])
+    matched = info_nce(z, z + 0.01 * torch.randn_like(z), 0.2)
+    shuffled = info_nce(z, z[torch.randperm(32)], 0.2)
     assert matched < shuffled
 
 

@@ -14,7 +14,8 @@ from imgsim.data.decode import decode_image
 from imgsim.evaluation.edits import apply_edit, copy_rng
 from imgsim.models.autoencoder import CPU_BF16_ENV, AutoEncoder, ModelConfig
 from imgsim.training.augment import CopyAugment
-from imgsim.training.recipes import RECIPES, choose, get_recipe, nt_xent
+from imgsim.models.autoencoder import info_nce
+from imgsim.training.recipes import RECIPES, choose, get_recipe
 
 
 def blob_photo(seed: int, size: int = 96) -> Image.Image:
@@ -106,9 +107,9 @@ def test_denoise_recipe_is_the_original_objective() -> None:
     assert float(parts["nce"]) == 0.0 and float(loss.detach()) == pytest.approx(float(parts["recon"]))
 
 
-def test_nt_xent_prefers_matching_views() -> None:
+def test_info_nce_prefers_matching_views() -> None:
     z = torch.randn(16, 8)
-    assert nt_xent(z, z + 0.01 * torch.randn_like(z), 0.1) < nt_xent(z, z[torch.randperm(16)], 0.1)
+    assert info_nce(z, z + 0.01 * torch.randn_like(z), 0.1) < info_nce(z, z[torch.randperm(16)], 0.1)
 
 
 def test_copy_augment_keeps_range_and_makes_grey_and_mirrored_views() -> None:

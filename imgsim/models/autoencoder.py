@@ -83,8 +83,12 @@ def autocast(device: torch.device | str) -> torch.autocast:
 
 #: Architectures (`ModelConfig.arch`): "small" is the original strided-conv autoencoder (flatten ->
 #: linear bottleneck), right for small greyscale images; "resnet" is a residual encoder with GeM
-#: pooling to the bottleneck and a light upsampling decoder, for colour photos at 64-128 px.
-ARCHS = ("small", "resnet")
+#: pooling to the bottleneck and a light upsampling decoder, for colour photos at 64-128 px; "lite0"
+#: starts from the pretrained EfficientNet-Lite0 trunk (frozen), a trainable head to the bottleneck
+#: and the same light decoder, for colour photos and clip art at 224 px (`imgsim.models.trunk_head`).
+ARCHS = ("small", "resnet", "lite0")
+#: Architectures built on a pretrained trunk: the trunk's name is `ModelConfig.trunk`.
+TRUNK_ARCHS = {"lite0": "efficientnet-lite0"}
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,23 @@ class ModelConfig:
     # the search embedding averages the bottlenecks of the image and its mirror image: mirror
     # invariance by construction, at twice the encoder's cost per indexed or query image
     mirror_symmetric: bool = False
+    # "lite0": the pretrained trunk (name and weights' checksum: part of the model file, so of its
+    # fingerprint) and how many of the `dim` embedding dimensions are the trunk's own projected
+    # features (the rest are the trained head's bottleneck; `imgsim.models.trunk_head`)
+    trunk: str = ""
+    trunk_sha256: str = ""
+    trunk_dims: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
+        if not 0 <= self.trunk_dims < self.dim:
+            raise ValueError(f"trunk_dims {self.trunk_dims} must be below dim {self.dim}")
+
+    @property
+    def head_dim(self) -> int:
+        """The trained bottleneck's size: `dim` less the trunk's share of the embedding."""
+        return self.dim - self.trunk_dims
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,7 +262,22 @@ class AutoEncoder(nn.Module):
         super().__init__()
         self.config = config = config or ModelConfig()
         w = config.widths
-        if config.arch == "resnet":
+        zdim = config.head_dim
+        self._fast = None  # "lite0": the embedding graph on its fast path, built at the first embed
+        # "lite0": the frozen trunk, kept in a list so that it is no submodule: not in the state dict
+        # (the weights come from their package) nor in DDP's parameters
+        self._trunk: list[nn.Module] = []
+        if config.arch == "lite0":
+            from imgsim.models.trunk import trunk_spec
+            from imgsim.models.trunk_head import FeatureHead
+
+            self.scale, self.padded = 1, config.image_size
+            feature_channels = trunk_spec(config.trunk or TRUNK_ARCHS["lite0"]).channels
+            self.encoder = FeatureHead(feature_channels, zdim)
+            self.decoder = LightDecoder(zdim, config.channels, self.recon_size, config.decoder_width)
+            self.register_buffer("trunk_mean", torch.zeros(feature_channels))
+            self.register_buffer("trunk_proj", torch.zeros(feature_channels, config.trunk_dims))
+        elif config.arch == "resnet":
             self.scale, self.padded = 1, config.image_size  # any size: no padding
             self.encoder = ResEncoder(config.channels, w, config.dim, config.blocks)
             self.decoder = LightDecoder(config.dim, config.channels, self.recon_size, config.decoder_width)
@@ -269,15 +301,15 @@ class AutoEncoder(nn.Module):
             )
         if config.proj_dim:
             self.projector = nn.Sequential(
-                nn.Linear(config.dim, config.dim),
+                nn.Linear(zdim, zdim),
                 nn.ReLU(inplace=True),
-                nn.Linear(config.dim, config.proj_dim),
+                nn.Linear(zdim, config.proj_dim),
             )
         else:
             self.projector = nn.Identity()
         # embedding post-processing fitted on the training data after training (see fit_whitening)
-        self.register_buffer("emb_mean", torch.zeros(config.dim))
-        self.register_buffer("emb_whiten", torch.eye(config.dim))
+        self.register_buffer("emb_mean", torch.zeros(zdim))
+        self.register_buffer("emb_whiten", torch.eye(zdim))
 
     @property
     def recon_size(self) -> int:
@@ -293,8 +325,43 @@ class AutoEncoder(nn.Module):
             x = F.pad(x, (0, pad, 0, pad), mode="replicate")
         return x
 
+    @property
+    def uses_trunk(self) -> bool:
+        return self.config.arch in TRUNK_ARCHS
+
+    def attach_trunk(self, device: str | torch.device = "cpu") -> AutoEncoder:
+        """Load the pretrained trunk this model was trained on (from its installed package); refused
+        in one line when the installed weights differ from the recorded ones."""
+        from imgsim.errors import ModelMismatch
+        from imgsim.models.trunk import load_trunk
+        from imgsim.models.trunk_head import TrunkFeatures
+
+        trunk = load_trunk(self.config.trunk, device)
+        if self.config.trunk_sha256 and trunk.weights_sha256 != self.config.trunk_sha256:
+            raise ModelMismatch(
+                f"the installed {self.config.trunk} weights differ from those this model was trained on; "
+                "reinstall the pinned package (make install) or train again"
+            )
+        self._trunk[:] = [TrunkFeatures(trunk).eval()]
+        self._fast = None
+        return self
+
+    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
+        """ "lite0": the frozen trunk's pooled features of float images in [0, 1]."""
+        if not self._trunk:
+            self.attach_trunk(next(self.parameters()).device)
+        with torch.no_grad():
+            return self._trunk[0](x)
+
+    def encode_features(self, g: torch.Tensor) -> torch.Tensor:
+        """ "lite0": the head's bottleneck (N, head_dim) from pooled trunk features (N, C)."""
+        return self.encoder(g)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Bottleneck z (N, D) for float images already passed through `to_float`."""
+        """Bottleneck z (N, D) for float images already passed through `to_float` ("lite0": the
+        head's part, `head_dim`; `embed` adds the trunk's)."""
+        if self.uses_trunk:
+            return self.encode_features(self.trunk_features(x))
         if self.config.arch == "resnet":
             return self.encoder(x)
         h = self.encoder_conv(x)
@@ -302,7 +369,7 @@ class AutoEncoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Reconstruction in [0, 1], `recon_size` square (the input's unpadded size for "small")."""
-        if self.config.arch == "resnet":
+        if self.config.arch != "small":
             return self.decoder(z)
         h = self.from_z(z).view(-1, self.config.widths[-1], self.grid, self.grid)
         out = torch.sigmoid(self.decoder_conv(h))
@@ -318,8 +385,30 @@ class AutoEncoder(nn.Module):
         return z
 
     def forward(self, x: torch.Tensor) -> AutoEncoderOutput:
-        z = self.encode(self.to_float(x))
+        """Images (N, C, S, S) -> reconstruction, bottleneck and projection; "lite0" also takes the
+        trunk's pooled features (N, C) of images, as its training does (`imgsim.training.view_features`)."""
+        z = self.encode_features(x) if self.uses_trunk and x.ndim == 2 else self.encode(self.to_float(x))
         return AutoEncoderOutput(recon=self.decode(z), z=z, proj=self.projector(z))
+
+    def embedding_graph(self) -> nn.Module:
+        """ "lite0": images in [0, 1] -> the search embedding, one module (`imgsim.models.trunk_head`)."""
+        from imgsim.models.trunk_head import FUSE_BUFFERS, EmbeddingGraph
+
+        if not self._trunk:
+            self.attach_trunk(next(self.parameters()).device)
+        return EmbeddingGraph(
+            self._trunk[0], self.encoder, {n: getattr(self, n) for n in FUSE_BUFFERS}
+        ).eval()
+
+    def _fast_path(self) -> object:
+        if self._fast is None:
+            from imgsim.models.fast import accelerate
+
+            device = next(self.parameters()).device
+            self._fast = accelerate(
+                self.embedding_graph(), self.config.image_size, self.config.channels, device
+            )
+        return self._fast
 
     # -- inference ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -338,6 +427,9 @@ class AutoEncoder(nn.Module):
             x = x_all[start : start + batch_size]
             x = (x.pin_memory() if on_gpu else x).to(device, non_blocking=True)
             x = self.to_float(x).contiguous(memory_format=layout)
+            if self.uses_trunk:  # the whole graph on its fast path (ONNX Runtime on a CPU)
+                out.append(self._fast_path()(x).float().cpu())
+                continue
             with autocast(device):
                 z = self.embedding_z(x)
             out.append(((z.float() - self.emb_mean) @ self.emb_whiten).cpu())
@@ -391,6 +483,8 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu") -> encoders.Encod
     model = AutoEncoder(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     model.to(device, memory_format=memory_format(device)).eval()
+    if model.uses_trunk:
+        model.attach_trunk(device)
     model.fingerprint = hashlib.sha256(data).hexdigest()[:16]  # type: ignore[attr-defined]
     return model
 
@@ -446,9 +540,10 @@ class Augment:
         return out.clamp(0, 1)
 
 
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """NT-Xent: each embedding's positive is the other view of the same image; the rest are negatives."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR's InfoNCE), the one contrastive term of every recipe: row i of `z1` must pick
+    row i of `z2` (and vice versa) among all 2N - 1 other rows, at `temperature`."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     sim = z @ z.t() / temperature
     n = z1.shape[0]
     sim.fill_diagonal_(float("-inf"))
@@ -505,6 +600,7 @@ def training_loss(
     x_uint8: torch.Tensor,
     augment: Augment,
     nce_weight: float = 0.5,
+    temperature: float = 0.1,
     distill_weight: float = 0.0,
     distill_temperature: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -530,7 +626,7 @@ def training_loss(
     rec_loss = F.mse_loss(out.recon, targets)
     loss, parts = rec_loss, {"recon": rec_loss.detach(), "nce": torch.zeros((), device=rec_loss.device)}
     if nce_weight > 0:
-        nce = info_nce(out.proj[:n], out.proj[n:])
+        nce = info_nce(out.proj[:n], out.proj[n:], temperature)
         loss, parts["nce"] = loss + nce_weight * nce, nce.detach()
     if distill_weight > 0 and n >= MIN_DISTILL_BATCH:
         teacher = orientation_histograms(x[..., :s, :s])

@@ -23,6 +23,14 @@ objective):
   colour, resampling blur, noise); the decoder reconstructs the clean image from each view, and an
   instance-discrimination term (NT-Xent / InfoNCE) pulls the two views' embeddings together against
   the rest of the batch. This teaches the invariances people expect of "the same photo".
+- `trunk-copy` (the default for colour photos and clip art; arch "lite0"): the encoder starts from a
+  pretrained ImageNet trunk (frozen on a CPU), so the network already knows what images show; the
+  trained head learns copy invariance by NT-Xent between two of each image's views, edited with
+  several edits at once (`imgsim.training.views`), keeps the trunk's sense of which images are alike
+  by neighbour distillation from the trunk's features of the clean images, and its decoder
+  reconstructs the clean image (32 px) from each view's bottleneck. The trunk's features of every
+  view are computed once before training (`imgsim.training.view_features`): a step sees vectors, not
+  pixels, so `loss` takes them (`batch_loss(model, batch)` picks the columns for any recipe).
 """
 
 from __future__ import annotations
@@ -36,10 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgsim.models.autoencoder import (
+    MIN_DISTILL_BATCH,
+    TRUNK_ARCHS,
     Augment,
     AutoEncoder,
     ModelConfig,
     fit_whitening,
+    info_nce,
+    neighbour_distillation,
     training_loss,
     uses_bf16,
 )
@@ -50,22 +62,12 @@ def _unwrap(model: nn.Module) -> AutoEncoder:
     return getattr(model, "module", model)
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent (SimCLR's InfoNCE): row i of `a` must pick row i of `b` (and vice versa) among all 2N-1."""
-    z = F.normalize(torch.cat([a, b]).float(), dim=1)
-    n = a.shape[0]
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, targets)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """An objective with its augmentation and training defaults; `loss(model, x_uint8)` is all a loop calls."""
 
     name: str
-    objective: str  # "denoise" | "copy"
+    objective: str  # "denoise" | "copy" | "trunk"
     recon_weight: float = 1.0
     nce_weight: float = 0.0
     temperature: float = 0.1
@@ -74,6 +76,9 @@ class Recipe:
     augment: CopyAugment | None = None  # "copy" only
     decode_scale: float = 1.0  # training images are decoded this much larger than the model input
     whiten: bool = False  # PCA-whiten the embedding after training (else only centre it)
+    # "trunk": edited views per image whose trunk features are computed before training (0: as many
+    # as `imgsim.training.view_features.VIEW_BUDGET` affords for the data set's size)
+    views: int = 0
     # training defaults (2 CPU cores; a GPU affords more steps in the same time)
     lr: float = 2e-3
     batch_size: int = 256
@@ -85,6 +90,43 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def columns(self) -> dict[str, torch.dtype]:
+        """The training dataset's columns a step reads, with their dtypes."""
+        if self.objective == "trunk":
+            return {"features": torch.float16, "target": torch.uint8}
+        return {"image": torch.uint8}
+
+    def batch_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`loss` on a batch of the training dataset's `columns` (already on the model's device)."""
+        if self.objective == "trunk":
+            return self.trunk_loss(model, batch["features"], batch["target"])
+        return self.loss(model, batch["image"])
+
+    def trunk_loss(
+        self, model: nn.Module, features: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The `trunk-copy` loss on cached trunk features (N, V + 1, C) (row 0: the clean image's)
+        and the clean images at the decoder's size, uint8 (N, C, r, r)."""
+        features = features.float()  # stored as float16; a CPU's bf16 autocast refuses to mix them
+        n, v1 = features.shape[:2]
+        rows = torch.arange(n, device=features.device)
+        va = torch.randint(0, v1, (n,), device=features.device)
+        vb = (va + torch.randint(1, v1, (n,), device=features.device)) % v1  # another view of the same image
+        out = model(torch.cat([features[rows, va], features[rows, vb]]))
+        clean = target.float() / 255.0
+        recon = F.mse_loss(out.recon.float(), torch.cat([clean, clean]))
+        nce = info_nce(out.proj[:n], out.proj[n:], self.temperature)
+        loss = self.recon_weight * recon + self.nce_weight * nce
+        parts = {"recon": recon.detach(), "nce": nce.detach()}
+        if self.distill_weight > 0 and n >= MIN_DISTILL_BATCH:
+            teacher = features[:, 0]
+            distill = neighbour_distillation(out.z, torch.cat([teacher, teacher]), self.distill_temperature)
+            loss, parts["distill"] = loss + self.distill_weight * distill, distill.detach()
+        return loss, parts
 
     def train_image_size(self, config: ModelConfig) -> int:
         """The size to decode training images at (`imgsim.data.decode.decode_image`): the model's input,
@@ -103,6 +145,7 @@ class Recipe:
                 x_uint8,
                 _DENOISE_AUGMENT,
                 self.nce_weight,
+                temperature=self.temperature,
                 distill_weight=self.distill_weight,
                 distill_temperature=self.distill_temperature,
             )
@@ -114,7 +157,7 @@ class Recipe:
         out = model(views)
         clean = F.interpolate(x, size=(ae.recon_size, ae.recon_size), mode="area")
         recon = F.mse_loss(out.recon.float(), torch.cat([clean, clean]))
-        nce = nt_xent(out.proj[:n], out.proj[n:], self.temperature)
+        nce = info_nce(out.proj[:n], out.proj[n:], self.temperature)
         loss = self.recon_weight * recon + self.nce_weight * nce
         return loss, {"recon": recon.detach(), "nce": nce.detach()}
 
@@ -153,6 +196,44 @@ def embedding_statistics(
     return total.cpu(), outer.cpu(), float(count)
 
 
+@torch.no_grad()
+def trunk_statistics(
+    ae: AutoEncoder, batches: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """ "lite0": (sum z, sum g, sum g gᵀ, n) over the clean images' trunk features `g`
+    (float (N, C) batches) and the head's bottlenecks `z` of them, in float64, for `fit_trunk_embedding`."""
+    was_training = ae.training
+    ae.eval()
+    device = next(ae.parameters()).device
+    z_total = torch.zeros(ae.config.head_dim, dtype=torch.float64, device=device)
+    channels = ae.trunk_mean.numel()
+    g_total = torch.zeros(channels, dtype=torch.float64, device=device)
+    g_outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+    count = 0
+    for g in batches:
+        g = g.to(device).float()
+        z_total += ae.encode_features(g).double().sum(0)
+        g_total += g.double().sum(0)
+        g_outer += g.double().t() @ g.double()
+        count += len(g)
+    ae.train(was_training)
+    return z_total.cpu(), g_total.cpu(), g_outer.cpu(), float(count)
+
+
+@torch.no_grad()
+def fit_trunk_embedding(
+    ae: AutoEncoder, z_total: torch.Tensor, g_total: torch.Tensor, g_outer: torch.Tensor, count: float
+) -> None:
+    """ "lite0": centre the head's bottleneck and fit the trunk half's centring and principal axes
+    (`imgsim.models.trunk_head`) from `trunk_statistics`' sums."""
+    from imgsim.models.trunk_head import principal_axes
+
+    ae.emb_mean.copy_((z_total / max(count, 1.0)).float())
+    mean, proj = principal_axes(g_total, g_outer, max(count, 1.0), ae.config.trunk_dims)
+    ae.trunk_mean.copy_(mean)
+    ae.trunk_proj.copy_(proj)
+
+
 # The original objective's augmentation (mild: crops 0.92-1.0, 4 % shifts; see imgsim.models.autoencoder.Augment).
 _DENOISE_AUGMENT = Augment()
 
@@ -160,11 +241,13 @@ RECIPES: dict[str, Recipe] = {
     "denoise": Recipe(
         name="denoise",
         objective="denoise",
+        temperature=0.2,  # of the --contrastive term, when given
         notes="plain denoising autoencoder: Fashion-MNIST P@10 0.841 (docs/results.md)",
     ),
     "denoise-hog": Recipe(
         name="denoise-hog",
         objective="denoise",
+        temperature=0.2,
         distill_weight=1.0,
         distill_temperature=0.1,
         notes="denoise + neighbour distillation from oriented-gradient histograms (docs/results.md)",
@@ -184,6 +267,20 @@ RECIPES: dict[str, Recipe] = {
         steps=700,
         # bf16 on the CPU: 1,100 steps in 9 min 26 s, mix P@1 0.910 (700 steps: 0.866); docs/results.md
         steps_native_bf16=1100,
+    ),
+    "trunk-copy": Recipe(
+        name="trunk-copy",
+        objective="trunk",
+        recon_weight=1.0,
+        nce_weight=1.0,
+        temperature=0.1,
+        distill_weight=1.0,
+        distill_temperature=0.1,
+        decode_scale=1.25,  # views crop from 280 px decodes
+        lr=2e-3,
+        batch_size=256,
+        steps=600,
+        notes="pretrained trunk + trained head: docs/pretrained.md",
     ),
 }
 
@@ -216,6 +313,8 @@ class Choice:
     batch_size: int
     mirror_symmetric: bool
     reason: str
+    trunk: str = ""  # "lite0": the pretrained trunk's name
+    trunk_dims: int = 0  # "lite0": the trunk's share of the embedding
 
     def model_config(self, **overrides: Any) -> ModelConfig:
         """The ModelConfig to build (and store) for this choice; `overrides` win (e.g. dim=...)."""
@@ -225,11 +324,18 @@ class Choice:
             "dim": self.dim,
             "widths": self.widths,
             "arch": self.arch,
-            "recon_size": self.recon_size if self.arch == "resnet" else 0,
+            "recon_size": self.recon_size if self.arch != "small" else 0,
             "proj_dim": self.proj_dim,
             "recipe": self.recipe,
             "mirror_symmetric": self.mirror_symmetric,
         }
+        if self.trunk:
+            from imgsim.models.trunk import trunk_spec
+
+            fields |= {"trunk": self.trunk, "trunk_sha256": trunk_spec(self.trunk).weights_sha256}
+            fields["trunk_dims"] = self.trunk_dims
+            if "dim" in overrides:  # --dim D: the whole embedding; the trunk keeps half of it
+                fields["trunk_dims"] = overrides["dim"] // 2
         return ModelConfig(**(fields | overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +344,16 @@ class Choice:
 
 #: Images whose shorter side is at most this (median of a sample) count as small, like Fashion-MNIST.
 SMALL_IMAGE_SIDE = 48
+#: "lite0": the trunk's input side (its native one) and the embedding's size (head + trunk halves).
+TRUNK_IMAGE_SIZE = 224
+TRUNK_EMBEDDING_DIM = 512
+#: The input side and recipe an architecture gets when `--arch` picks it against the automatic choice.
+DEFAULT_SIZE = {
+    "small": lambda gpu: 32,
+    "resnet": lambda gpu: 96 if gpu else 64,
+    "lite0": lambda gpu: TRUNK_IMAGE_SIZE,
+}
+DEFAULT_RECIPE = {"small": "denoise-hog", "resnet": "copy", "lite0": "trunk-copy"}
 
 
 def choose(
@@ -261,22 +377,28 @@ def choose(
         auto_arch, auto_size, auto_recipe = "small", 32, "denoise-hog"
         why = f"small images (median shorter side {median} px <= {SMALL_IMAGE_SIDE})"
     else:
-        auto_arch, auto_recipe = "resnet", "copy"
-        auto_size = 96 if use_gpu else 64
+        auto_arch, auto_recipe, auto_size = "lite0", "trunk-copy", TRUNK_IMAGE_SIZE
         why = (
             f"{'colour' if channels == 3 else 'greyscale'} images of median shorter side {median} px: "
-            f"the residual encoder at {auto_size} px ({'GPU' if use_gpu else 'CPU: 64 px fits a few minutes'})"
-            ", trained to recognise edited copies (crops, mirror, greyscale, colour, blur)"
+            f"the pretrained EfficientNet-Lite0 trunk (ImageNet; frozen) at {auto_size} px with a head and "
+            "decoder trained on these images to recognise edited copies, keeping what the trunk knows "
+            "about what images show"
         )
     chosen_arch = arch or auto_arch
-    chosen_size = image_size or auto_size
-    chosen_recipe = recipe or (
-        auto_recipe if chosen_arch == auto_arch else ("denoise-hog" if chosen_arch == "small" else "copy")
+    chosen_size = image_size or (
+        auto_size if chosen_arch == auto_arch else DEFAULT_SIZE[chosen_arch](use_gpu)
     )
+    chosen_recipe = recipe or (auto_recipe if chosen_arch == auto_arch else DEFAULT_RECIPE[chosen_arch])
     flags = [f"--{k} {v}" for k, v in (("arch", arch), ("image-size", image_size), ("recipe", recipe)) if v]
     if flags:
         why += f"; overridden by {' '.join(flags)}"
-    if chosen_arch == "resnet":
+    trunk, trunk_dims = "", 0
+    if chosen_arch in TRUNK_ARCHS:
+        # the trunk's own features keep half of the embedding (docs/pretrained.md, "Fusing the trunk's view")
+        trunk, trunk_dims = TRUNK_ARCHS[chosen_arch], TRUNK_EMBEDDING_DIM // 2
+        widths, dim, recon, proj = (), TRUNK_EMBEDDING_DIM, 32, 0
+        channels = 3  # the trunk sees RGB (greyscale images as three equal channels)
+    elif chosen_arch == "resnet":
         # 16-128 channels: a third of the 32-256 net's CPU cost per image (104 vs 52 img per CPU-s)
         widths, dim, recon, proj = ((32, 64, 128, 256) if use_gpu else (16, 32, 64, 128)), 128, 32, 64
     else:
@@ -293,6 +415,8 @@ def choose(
     # photos: a mirror-symmetric embedding (mix P@1 0.613 -> 0.651, mirror copies 0.93 -> 1.00 on the
     # same trained model, docs/quality.md) for twice the encoder's cost per embedded image
     symmetric = chosen_arch == "resnet"
+    if chosen_arch in TRUNK_ARCHS and use_gpu:
+        why += "; the trunk stays frozen on a GPU too (fine-tuning its last stages is not built yet)"
     return Choice(
         chosen_arch,
         chosen_size,
@@ -306,4 +430,6 @@ def choose(
         base.batch_size,
         symmetric,
         reason,
+        trunk,
+        trunk_dims,
     )
