@@ -65,7 +65,7 @@ def refusal_reason(ip: IPAddress) -> str | None:
     """Why `ip` is not globally routable (so may not be fetched from), or None when it is."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip in _NAT64_LOCAL:
-            return f"NAT64 for local use ({_NAT64_LOCAL})"
+            return f"NAT64 for local use, {_NAT64_LOCAL}"
         wrapped = _embedded_ipv4(ip)
         if wrapped is not None:
             kind, inner = wrapped
@@ -75,11 +75,11 @@ def refusal_reason(ip: IPAddress) -> str | None:
             if kind in ("IPv4-mapped", "NAT64"):
                 return None  # the IPv4 address is the destination; the wrapping itself is no range
             if kind == "Teredo":
-                return "a Teredo tunnel (2001::/32), not globally routable"
+                return "a Teredo tunnel, 2001::/32"
         if ip in _SITE_LOCAL:
-            return f"site-local ({_SITE_LOCAL})"
+            return f"site-local, {_SITE_LOCAL}"
     elif ip in _SHARED:
-        return f"shared address space ({_SHARED}, carrier-grade NAT)"
+        return f"shared address space {_SHARED}, carrier-grade NAT"
     for kind in _LOCAL_KINDS:
         if getattr(ip, f"is_{kind.replace('-', '_')}"):
             return kind
