@@ -153,6 +153,16 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """Starting or joining Ray (`pipelines.runtime.ensure_ray`)."""
+
+    # Before joining a cluster, its address must accept a TCP connection within this long; Ray
+    # itself retries a dead address for minutes. A stale `ray start` address file is then ignored
+    # (a local Ray starts); an address the user gave (RAY_ADDRESS) fails in one line.
+    cluster_answer_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Defaults:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +171,7 @@ class Defaults:
     serve: ServeConfig = field(default_factory=ServeConfig)
     duplicates: DuplicatesConfig = field(default_factory=DuplicatesConfig)
     read: ReadConfig = field(default_factory=ReadConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 DEFAULTS = Defaults()

@@ -14,6 +14,12 @@ variables in every worker process:
 
 A value already in the caller's environment wins.
 
+A cluster that does not answer is found out in seconds, not after Ray's minutes of retries: the
+address Ray would join must accept a TCP connection within `RuntimeConfig.cluster_answer_s`. When
+the address came from the file a `ray start` leaves behind (`/tmp/ray/ray_current_cluster`, still
+there after that cluster was killed), it is stale: one line says so and a local Ray starts. When the
+user named it (RAY_ADDRESS, `address=`), the command stops with one line saying what to do.
+
 What Ray prints is not the user's console (`imgsim.console.output`): workers' output stays in their log
 files unless `--verbose` (`log_to_driver`), Ray Data's own progress bars are off (imgsim draws one
 bar per stage), and once Ray is up the command's `RunLogs` links the session's log folder into
@@ -30,11 +36,14 @@ for the first tasks and actors, which delayed an embedding job's first batch by 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from types import ModuleType
 
+from imgsim.config import DEFAULTS
 from imgsim.console import output as console
 from imgsim.console.progress import log, seconds, stage
+from imgsim.errors import ImgsimError
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
@@ -59,6 +68,63 @@ def starts_local_ray(address: str | None = None) -> bool:
         return False
 
 
+def cluster_address(address: str | None = None) -> tuple[str, str] | None:
+    """(host:port, where it came from) of the cluster `ray.init(address)` would join, or None when it
+    would start a local Ray (or the address is one this check cannot judge: Ray will say)."""
+    env = os.environ.get("RAY_ADDRESS") or None
+    if "://" in (address if address not in (None, "auto") else env or ""):
+        return None  # Ray Client (ray://) or a job server URL: Ray's own protocol and time-outs
+    try:
+        from ray._common.utils import get_ray_address_file
+        from ray._private.services import canonicalize_bootstrap_address
+
+        resolved = canonicalize_bootstrap_address(address)
+    except Exception:
+        return None
+    if resolved is None:
+        return None
+    if address not in (None, "auto"):
+        source = f"address={address!r}"
+    elif env is not None and env != "auto":
+        source = f"RAY_ADDRESS={env}"
+    else:
+        source = get_ray_address_file(None)
+    return resolved, source
+
+
+def answers(address: str, timeout_s: float) -> bool:
+    """True if `host:port` accepts a TCP connection within `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _skip_dead_cluster(kwargs: dict) -> None:
+    """Start a local Ray instead of joining a stale `ray start` address; fail in one line for an
+    address the user named that does not answer."""
+    found = cluster_address(kwargs.get("address"))
+    if found is None:
+        return
+    address, source = found
+    timeout_s = DEFAULTS.runtime.cluster_answer_s
+    if answers(address, timeout_s):
+        return
+    if os.path.isabs(source):  # the address file of an earlier `ray start`
+        log(
+            f"ray: ignoring {source}: the cluster it names ({address}) does not answer; starting a local "
+            "Ray (delete that file, or run `ray stop`, to clear it)"
+        )
+        kwargs["address"] = "local"
+        return
+    raise ImgsimError(
+        f"no Ray cluster answers at {address} (from {source}) within {timeout_s:g} s: start it, or "
+        "set RAY_ADDRESS=local (or unset it) to run on a local Ray"
+    )
+
+
 def initialised_ray() -> ModuleType | None:
     """The `ray` module where Ray is initialised in this process, else None, without importing Ray
     (not imported means not initialised either)."""
@@ -74,6 +140,7 @@ def ensure_ray(**kwargs) -> None:
     if ray.is_initialized():
         return
     kwargs.setdefault("log_to_driver", console.verbose())
+    _skip_dead_cluster(kwargs)
     local = starts_local_ray(kwargs.get("address"))
     with stage("start Ray" if local else "join Ray") as p:
         if local:

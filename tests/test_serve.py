@@ -1,8 +1,8 @@
 """The Serve app over real HTTP: a running Serve instance on a free loopback port, real requests.
 
 Two applications share one Serve instance (and the session's Ray runtime):
-  "/"        allow_private_urls on (to reach the loopback image server), a small body limit,
-             absolute paths (to compare with the in-process Searcher's);
+  "/"        allow_private_urls on (to reach the loopback image server), a small body limit, a
+             short body time-out, absolute paths (to compare with the in-process Searcher's);
   "/strict"  the defaults for URLs (no private addresses) and paths (relative), and an API key.
 """
 
@@ -12,7 +12,9 @@ import http.server
 import io
 import json
 import shutil
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from PIL import Image
 ENDPOINTS = ["/search", "/duplicates"]  # the same inputs, the same 4xx rules
 MAX_BODY = 200_000  # the "/" app's body limit, small so the 413 tests stay cheap
 API_KEY = "test-key-0123456789"
+BODY_TIMEOUT_S = 5.0  # the "/" app's wait for a request body, short so the 408 test stays cheap
 
 
 @dataclass
@@ -141,7 +144,14 @@ def served(serve_tiny_run: Path, image_server: tuple[str, Path], ray_session: No
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(
-            build_app(run, allow_private_urls=True, max_body_bytes=MAX_BODY, num_cpus=0.25, paths="absolute"),
+            build_app(
+                run,
+                allow_private_urls=True,
+                max_body_bytes=MAX_BODY,
+                num_cpus=0.25,
+                paths="absolute",
+                body_timeout_s=BODY_TIMEOUT_S,
+            ),
             name="imgsim-test",
             route_prefix="/",
         )
@@ -502,6 +512,86 @@ def test_unknown_routes_and_methods_are_json(served: Served) -> None:
     _assert_error(requests.get(served.base + "/nope", timeout=10), 404)
     _assert_error(requests.get(served.base + "/search", timeout=10), 405)
     _assert_error(requests.delete(served.base + "/images/0", timeout=10), 405)
+    _assert_alive(served)
+
+
+# --- hostile input (issue 30): each answer a JSON 4xx, the replica alive after it ------------------
+
+
+def test_head_on_the_page_and_healthz_is_200(served: Served) -> None:
+    """Health probes use HEAD; /healthz needs no key even where the app has one."""
+    for url in (served.base + "/", served.base + "/healthz", served.base + "/strict/healthz"):
+        r = requests.head(url, timeout=10)
+        assert r.status_code == 200 and r.content == b"", (url, r.status_code)
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json", "/strict/docs", "/strict/openapi.json"])
+def test_api_docs_are_off(served: Served, path: str) -> None:
+    """No generated docs (whose page loads a script from a CDN) and no schema without a key."""
+    _assert_error(requests.get(served.base + path, timeout=10), 404)
+
+
+@pytest.mark.parametrize("depth", [1000, 7000])  # 2 KB (was a 500: RecursionError) and 14 KB
+@pytest.mark.parametrize("field", ["url", "k", "other"])
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_deeply_nested_json_is_400(served: Served, endpoint: str, field: str, depth: int) -> None:
+    body = f'{{"{field}": {"[" * depth + "]" * depth}}}'
+    r = requests.post(
+        served.base + endpoint, data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    error = _assert_error(r, 400)["error"]
+    if depth > 1000:  # past any recursion limit, whatever the replica's stack holds already
+        assert "nested too deeply" in error
+    _assert_alive(served)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_oversize_json_is_413(served: Served, endpoint: str) -> None:
+    """A JSON query holds a URL and k: far less than an upload may be (ServeConfig.max_json_bytes)."""
+    from imgsim.config import DEFAULTS
+
+    url = "http://127.0.0.1/" + "a" * DEFAULTS.serve.max_json_bytes
+    r = requests.post(served.base + endpoint, json={"url": url}, timeout=30)
+    assert str(DEFAULTS.serve.max_json_bytes) in _assert_error(r, 413)["error"]
+    _assert_alive(served)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_too_many_pixels_is_413(served: Served, endpoint: str) -> None:
+    """9000 x 9000 (81 M pixels) is under Pillow's bomb guard but over the HTTP queries' pixel cap;
+    a small PNG (about 10 KB) that would decode to hundreds of MB."""
+    from imgsim.config import DEFAULTS
+
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG", optimize=True)
+    assert DEFAULTS.serve.max_query_pixels < 9000 * 9000
+    r = requests.post(
+        served.base + endpoint, data=buf.getvalue(), headers={"Content-Type": "image/png"}, timeout=60
+    )
+    _assert_error(r, 413)
+    _assert_alive(served)
+
+
+def test_a_stalled_body_is_408(served: Served) -> None:
+    """A client that announces a body and never sends it is answered, not held open forever."""
+    host, port = served.base.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(
+            b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 10000\r\n\r\n"
+            + b"\x89PNG" * 4
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    took = time.monotonic() - started
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"application/json" in head.lower() and b"did not arrive" in body, answer[:600]
+    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 20
     _assert_alive(served)
 
 
