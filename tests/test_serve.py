@@ -307,7 +307,9 @@ def test_an_indexed_image_is_a_duplicate_of_itself(served: Served) -> None:
     }
     assert all(m["distance"] <= body["threshold"] + 1e-5 for m in body["matches"][1:])
     # the replica calibrated on its first request and stored it; in-process reads the stored one
-    in_process = served.searcher.duplicates_of(path)
+    from imgsim.duplicates.lookup import DuplicateLookup
+
+    in_process = DuplicateLookup(served.searcher).duplicates_of(path)
     assert (body["threshold_source"], in_process["threshold_source"]) in {
         ("calibrated", "stored calibration"),
         ("stored calibration", "stored calibration"),

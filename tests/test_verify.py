@@ -218,19 +218,20 @@ def test_duplicates_keep_copies_and_drop_lookalike_tiles(tile_run: tuple[Path, P
 def test_one_image_against_the_collection_is_verified_too(
     tile_run: tuple[Path, Path, dict[str, str]],
 ) -> None:
-    """`matches_of` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
+    """`DuplicateLookup.matches` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
     loose radius only the tile the query was cut from (and its copy) match; without bytes, the
     embedding's threshold alone decides."""
-    from imgsim.duplicates.groups import matches_of
+    from imgsim.duplicates.lookup import DuplicateLookup
     from imgsim.index.search import Searcher
 
     data, run, _ = tile_run
     searcher = Searcher.load(run)
+    lookup = DuplicateLookup(searcher)
     query = jpeg(edited(Image.open(data / "t4.jpg")), 50)
     emb = searcher.embed(searcher.to_image(query)[None])[0]
-    verified = matches_of(searcher, emb, None, 0.0, data=query, radius=0.5)
+    verified = lookup.matches(emb, None, 0.0, data=query, radius=0.5)
     assert {Path(m["path"]).name for m in verified} == {"t4.jpg", "t4-copy.jpg"}
-    unverified = matches_of(searcher, emb, None, 0.5)
+    unverified = lookup.matches(emb, None, 0.5)
     assert len(unverified) > 2
 
 

@@ -1,4 +1,5 @@
-"""Exact and near-duplicate groups over an indexed collection; one image against the collection.
+"""Exact and near-duplicate groups over an indexed collection (one image against it:
+`imgsim.duplicates.lookup`).
 
     from imgsim.duplicates.groups import find_duplicates
     report = find_duplicates("runs/photos")        # calibrated threshold, incremental
@@ -757,57 +758,3 @@ def find_duplicates(
             **(verification.settings() if verify else {"version": None}),
         },
     )
-
-
-# -- one image against the collection ---------------------------------------------------------------
-def matches_of(
-    searcher: Searcher,
-    emb: np.ndarray,
-    content_hash: str | None,
-    threshold: float,
-    max_matches: int = DEFAULTS.duplicates.max_matches,
-    *,
-    data: bytes | None = None,
-    radius: float | None = None,
-) -> list[dict[str, Any]]:
-    """Indexed images within `threshold` of one query embedding, nearest first (byte-identical files
-    first of all), as `{"id", "path", "distance", "exact"}`.
-
-    With the query's bytes (`data`) and a candidate `radius` beyond the threshold, candidates are
-    verified geometrically as `imgsim duplicates` does (`imgsim.duplicates.verify`): a verified one is a match
-    out to `radius` (among the `verify_neighbours` nearest), a rejected one is not a match, and an
-    unverifiable one (a small or flat image) is a match within `threshold`."""
-    judged = data is not None and radius is not None and radius > threshold
-    reach = max(threshold, radius) if judged else threshold
-    wanted = max(max_matches, DEFAULTS.duplicates.verify_neighbours) if judged else max_matches
-    lims, dist, ids = searcher.index.range_search(emb[None], reach, max_results=wanted)
-    exact_ids = set(searcher.rows_with_hash(content_hash)) if content_hash else set()
-    found = {int(i): float(x) for i, x in zip(ids.tolist(), dist.tolist(), strict=True)}
-    if judged:
-        assert data is not None
-        ranked_ids = [i for i in ids.tolist() if i not in exact_ids]
-        candidates = [
-            i for rank, i in enumerate(ranked_ids) if found[i] <= threshold + TOLERANCE
-            or rank < DEFAULTS.duplicates.verify_neighbours
-        ]  # fmt: skip
-        from imgsim.data.sources import read_bytes
-
-        status = verification.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
-        distance = np.array([found[i] for i in candidates], np.float64)
-        linked = {
-            i
-            for i, ok in zip(
-                candidates, verification.links(status, distance, threshold, TOLERANCE), strict=True
-            )
-            if ok
-        }
-        found = {i: x for i, x in found.items() if i in linked or i in exact_ids}
-    for i in exact_ids:
-        found.setdefault(i, 0.0)
-    ranked = sorted(found.items(), key=lambda item: (item[0] not in exact_ids, item[1], item[0]))[
-        :max_matches
-    ]
-    return [
-        {"id": i, "path": searcher.paths[i], "distance": round(d, 6), "exact": i in exact_ids}
-        for i, d in ranked
-    ]
