@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from imgsim.data.rows import (
 )
 from imgsim.errors import DiskFull, ImgsimError, disk_full
 from imgsim.index.knn import KMeansClusterer, KnnIndex
+from imgsim.io.atomic import writing_dir
 from imgsim.io.parquet_append import append_rows
 from imgsim.io.runs import RunPaths
 from imgsim.models import autoencoder as model_lib
@@ -402,6 +404,20 @@ def write_index(
     )  # fmt: skip
 
 
+def save_index_folder(
+    directory: Path, index: KnnIndex, fingerprint: str, files: dict[str, Callable[[Path], None]]
+) -> None:
+    """Write the run's whole index folder at once (`imgsim.io.atomic.writing_dir`): readers, and a
+    rerun after a crash, see the previous folder or the new one, never half. `files` maps each name
+    to the function writing that path; the KNN index saves itself meanwhile, in a thread (faiss
+    writes without the GIL, while embeddings.parquet is the long write)."""
+    with writing_dir(directory) as tmp, ThreadPoolExecutor(1) as pool:
+        saved = pool.submit(index.save, tmp, fingerprint)
+        for name, write in files.items():
+            write(tmp / name)
+        saved.result()
+
+
 def _resolved_kind(kind: str, n: int) -> str:
     return kind if kind != "auto" else ("ivf" if n >= DEFAULTS.index.ivf_threshold else "exact")
 
@@ -572,10 +588,11 @@ def _write(
         for p, r in zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
     )
     try:
-        index.save(
+        save_index_folder(
             paths.index_dir,
-            model_fingerprint=fingerprint,
-            extra_files={
+            index,
+            fingerprint,
+            {
                 paths.embeddings.name: write_embeddings,
                 paths.files.name: write_files,
                 paths.skipped.name: lambda p: p.write_text(skipped_lines),

@@ -53,6 +53,7 @@ def build_small_run(root: Path) -> Path:
 
     from imgsim.data.decode import decode_image
     from imgsim.index.knn import KMeansClusterer, KnnIndex
+    from imgsim.io.atomic import writing_dir
     from imgsim.io.runs import RunPaths
     from imgsim.models import autoencoder as model_lib
 
@@ -83,16 +84,12 @@ def build_small_run(root: Path) -> Path:
         }
     )
     manifest = {"images": len(files), "model_fingerprint": fingerprint, "dim": int(emb.shape[1])}
-    index.save(
-        paths.index_dir,
-        model_fingerprint=fingerprint,
-        extra_files={
-            "embeddings.parquet": lambda p: pq.write_table(table, p),
-            "skipped.jsonl": lambda p: p.write_text(""),
-            "kmeans": clusterer.save,
-            "manifest.json": lambda p: p.write_text(json.dumps(manifest)),
-        },
-    )
+    with writing_dir(paths.index_dir) as folder:
+        index.save(folder, model_fingerprint=fingerprint)
+        pq.write_table(table, folder / "embeddings.parquet")
+        (folder / "skipped.jsonl").write_text("")
+        clusterer.save(folder / "kmeans")
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return paths.root
 
 
