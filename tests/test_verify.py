@@ -266,19 +266,23 @@ def test_an_incremental_run_verifies_only_the_new_pairs(
 
 
 def test_many_pairs_are_verified_as_ray_tasks_with_the_same_verdicts(
-    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path
+    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
 
-    from pipelines.duplicates import duplicates, pair_verifier
+    import pipelines.duplicates
+    from imgsim.duplicates.groups import verify_here
+    from pipelines.duplicates import duplicates, ray_pair_verifier
 
     data, run, copies = tile_run
     paths = sorted(str(p) for p in data.iterdir())
     a, b = np.triu_indices(len(paths), 1)
-    here = pair_verifier(use_ray=False)(paths, a, b)
-    assert (pair_verifier(use_ray=True)(paths, a, b) == here).all()
+    here = verify_here(paths, a, b)
+    assert (ray_pair_verifier()(paths, a, b) == here).all()
     assert (here == verify.VERIFIED).sum() >= len(copies)
-    summary = duplicates(run, threshold=0.5, full=True, out=tmp_path, use_ray=True)
+    # `imgsim duplicates` on a collection with more pairs than it verifies in the process
+    monkeypatch.setattr(pipelines.duplicates, "IN_PROCESS_MAX_PAIRS", 0)
+    summary = duplicates(run, threshold=0.5, full=True, out=tmp_path)
     groups = [json.loads(line) for line in (tmp_path / "duplicates.jsonl").read_text().splitlines()]
     assert summary["groups"] == len(copies) == len(groups)
     assert {frozenset(m["path"] for m in g["members"]) for g in groups} == {
