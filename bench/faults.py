@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.processes import free_port, kill_tree, latest_checkpoint, ray_processes, wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 IMGSIM = str(Path(sys.executable).parent / "imgsim")
 TINY_TRAIN = ["--image-size", "16", "--dim", "8", "--batch-size", "16"]
@@ -78,58 +80,6 @@ def env() -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
         "TQDM_DISABLE": "1",
     }
-
-
-def descendants(pid: int | None = None) -> list[Any]:
-    import psutil
-
-    try:
-        return psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def ray_processes(name: str, pid: int | None = None) -> list[Any]:
-    """Ray worker processes below `pid` (default: this one) whose title starts "ray::<name>"."""
-    import psutil
-
-    found = []
-    for p in descendants(pid):
-        with contextlib.suppress(psutil.Error):
-            if any(part.startswith(f"ray::{name}") for part in p.cmdline()[:1]):
-                found.append(p)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` (the fault), then everything it had started (clean-up)."""
-    import psutil
-
-    rest = descendants(pid)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(pid).kill()
-    for p in rest:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(rest, timeout=30)
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} did not happen in {timeout_s} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -197,21 +147,6 @@ def _accounting(run: Path, good: set[str], bad: set[str]) -> tuple[int, int, str
 
 
 # -- 1. a Ray Train worker ------------------------------------------------------------------------------
-def latest_checkpoint(run: Path) -> dict | None:
-    """The state in the checkpoint Ray Train registered last, or None before the first."""
-    import torch
-
-    for snapshot in run.glob("checkpoints/train-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-            return torch.load(
-                snapshot.parent / latest / "checkpoint.pt", map_location="cpu", weights_only=False
-            )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # being written or rotated
-            continue
-    return None
-
-
 def train_worker_killed(work: Path, epochs: int = 8) -> Row:
     data, _ = images(work / "train-data", 400)
     run = work / "train-run"

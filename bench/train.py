@@ -16,11 +16,11 @@ import ray
 import torch
 
 from bench.common import report
+from bench.patterns import make_pattern_image
 from imgsim.config import DEFAULTS
 from imgsim.models.autoencoder import Augment, AutoEncoder, ModelConfig, training_loss
 from pipelines.runtime import ensure_ray
 from pipelines.train import train
-from tests.conftest import make_pattern_image
 
 
 def main() -> None:

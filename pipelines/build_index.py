@@ -25,7 +25,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from imgsim.data.rows import (
 )
 from imgsim.errors import DiskFull, ImgsimError, disk_full
 from imgsim.index.knn import KMeansClusterer, KnnIndex
+from imgsim.io.atomic import writing_dir
 from imgsim.io.parquet_append import append_rows
 from imgsim.io.runs import RunPaths
 from imgsim.models import autoencoder as model_lib
@@ -402,6 +404,20 @@ def write_index(
     )  # fmt: skip
 
 
+def save_index_folder(
+    directory: Path, index: KnnIndex, fingerprint: str, files: dict[str, Callable[[Path], None]]
+) -> None:
+    """Write the run's whole index folder at once (`imgsim.io.atomic.writing_dir`): readers, and a
+    rerun after a crash, see the previous folder or the new one, never half. `files` maps each name
+    to the function writing that path; the KNN index saves itself meanwhile, in a thread (faiss
+    writes without the GIL, while embeddings.parquet is the long write)."""
+    with writing_dir(directory) as tmp, ThreadPoolExecutor(1) as pool:
+        saved = pool.submit(index.save, tmp, fingerprint)
+        for name, write in files.items():
+            write(tmp / name)
+        saved.result()
+
+
 def _resolved_kind(kind: str, n: int) -> str:
     return kind if kind != "auto" else ("ivf" if n >= DEFAULTS.index.ivf_threshold else "exact")
 
@@ -416,6 +432,186 @@ def _can_update(
     if m.get("clusters_requested") != clusters or m.get("index_kind") != _resolved_kind(kind, n_after):
         return False
     return m.get("changed_since_fit", 0) + changed <= REFIT_SHARE * m["fitted_images"]
+
+
+@dataclass
+class IndexRows:
+    """The good rows of the new index, in order: the previous index's rows that stay (`keep`, a mask
+    over its embeddings.parquet), then the `new` rows without an error."""
+
+    paths: RunPaths
+    keep: np.ndarray
+    new: TableRows | StagedRows
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+    def previous(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The kept rows of the previous embeddings.parquet, read in batches."""
+        if not self.keep.any():
+            return
+        start = 0
+        batches = pq.ParquetFile(self.paths.embeddings).iter_batches(batch_size=READ_ROWS, columns=columns)
+        for batch in batches:
+            mask = self.keep[start : start + batch.num_rows]
+            start += batch.num_rows
+            if mask.any():
+                yield pa.Table.from_batches([batch]).filter(pa.array(mask))
+
+    def new_good(self, columns: list[str]) -> Iterator[pa.Table]:
+        """The new rows that decoded (no error)."""
+        for t in self.new.batches([*columns, "error"]):
+            good = _good(t).select(columns)
+            if good.num_rows:
+                yield good
+
+
+@dataclass
+class Fitted:
+    """KMeans and the KNN index for the new rows, fitted again or updated; `new_labels` are the new
+    rows' clusters, `kept_labels` the kept rows' (None: those stored in embeddings.parquet stay)."""
+
+    clusterer: KMeansClusterer
+    index: KnnIndex
+    new_labels: np.ndarray
+    kept_labels: np.ndarray | None
+    fitted_images: int
+    changed_since_fit: int
+    updated: bool
+    seconds: float
+
+
+def _kept_rows(paths: RunPaths, previous: Previous, reused: pa.Table) -> np.ndarray:
+    """The previous index's rows that stay (in their order), as a mask over embeddings.parquet."""
+    if not previous.manifest:
+        return np.zeros(0, bool)
+    good_reused = reused["error"].null_count  # rows without an error: those in embeddings.parquet
+    if good_reused == previous.manifest.get("images", -1):  # every previous row stays
+        return np.ones(good_reused, bool)
+    prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
+    return pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
+
+
+def _update_index(rows: IndexRows, previous: Previous, fingerprint: str, nprobe: int, changed: int) -> Fitted:
+    """The previous KMeans and KNN index, updated: removed rows out, new rows assigned and added."""
+    t0 = time.perf_counter()
+    clusterer = KMeansClusterer.load(rows.paths.kmeans_dir)
+    index = KnnIndex.load(rows.paths.index_dir, expect_fingerprint=fingerprint)
+    index.nprobe = nprobe
+    index.remove(np.flatnonzero(~rows.keep))
+    new_labels = []
+    for t in rows.new_good(["embedding"]):
+        emb = embedding_matrix(t)
+        new_labels.append(clusterer.predict(emb))
+        index.add(emb)
+    return Fitted(
+        clusterer, index,
+        new_labels=np.concatenate(new_labels) if new_labels else np.zeros(0, np.int64),
+        kept_labels=None,
+        fitted_images=previous.manifest["fitted_images"],
+        changed_since_fit=previous.manifest.get("changed_since_fit", 0) + changed,
+        updated=True,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _fit_index(rows: IndexRows, n_good: int, *, clusters: int, metric: str, kind: str, nprobe: int) -> Fitted:
+    """KMeans and the KNN index fitted again on every good row (the float32 matrix held meanwhile)."""
+    t0 = time.perf_counter()
+    emb = None
+    at = 0
+    for source in (rows.previous, rows.new_good):
+        for t in source(["embedding"]):
+            part = embedding_matrix(t)
+            if emb is None:
+                emb = np.empty((n_good, part.shape[1]), np.float32)
+            emb[at : at + len(part)] = part
+            at += len(part)
+    assert emb is not None and at == n_good
+    with stage("KMeans", len(emb), "embeddings") as p:
+        clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
+        p.note(f"{len(clusterer.centroids_)} clusters")
+    with stage("KNN", len(emb), "embeddings") as p:
+        index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
+        p.note(f"{index.kind_} {metric} index")
+    del emb
+    n_kept = rows.kept
+    return Fitted(
+        clusterer, index,
+        new_labels=clusterer.labels_[n_kept:],
+        kept_labels=clusterer.labels_[:n_kept],
+        fitted_images=n_good,
+        changed_since_fit=0,
+        updated=False,
+        seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _with_labels(tables: Iterator[pa.Table], labels: np.ndarray) -> Iterator[pa.Table]:
+    """Index rows from rows without a cluster: `labels` in order, as the cluster column."""
+    at = 0
+    for t in tables:
+        t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
+        at += t.num_rows
+        yield t.select([*INDEX_COLUMNS, "embedding"])
+
+
+def _write_embeddings(target: Path, rows: IndexRows, fitted: Fitted, sizes: np.ndarray) -> None:
+    """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones; `sizes`
+    counts the rows per cluster. When only rows were added, the previous file's bytes are copied and
+    the new rows appended (`imgsim.io.parquet_append`), rather than a million unchanged rows decoded
+    and encoded again."""
+
+    def count(clusters: pa.ChunkedArray | pa.Array) -> None:
+        sizes[:] += np.bincount(np.asarray(clusters), minlength=len(sizes))[: len(sizes)]
+
+    without_cluster = [c for c in INDEX_COLUMNS if c != "cluster"] + ["embedding"]
+    if fitted.updated and rows.kept and rows.keep.all():
+        new_rows = list(_with_labels(rows.new_good(without_cluster), fitted.new_labels))
+        if append_rows(rows.paths.embeddings, new_rows, target, use_dictionary=EMBEDDINGS_DICTIONARY):
+            count(pq.read_table(target, columns=["cluster"])["cluster"])
+            return
+    writer = schema = None
+    try:
+        for source, labels in ((rows.previous, fitted.kept_labels), (rows.new_good, fitted.new_labels)):
+            tables = (
+                source([*INDEX_COLUMNS, "embedding"])
+                if labels is None
+                else _with_labels(source(without_cluster), labels)
+            )
+            for t in tables:
+                count(t["cluster"])
+                if writer is None:
+                    schema = t.schema
+                    writer = pq.ParquetWriter(target, schema, use_dictionary=EMBEDDINGS_DICTIONARY)
+                writer.write_table(t.cast(schema))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_files(
+    target: Path,
+    paths: RunPaths,
+    files: pa.Table,
+    reused: pa.Table,
+    previous: Previous,
+    new: TableRows | StagedRows,
+) -> None:
+    """files.parquet: appended to when it is `reused` unchanged (every previous row kept, in order)."""
+    unchanged = reused.num_rows and reused.num_rows == previous.files.num_rows
+    if unchanged and append_rows(paths.files, list(new.batches(FILE_COLUMNS)), target):
+        return
+    pq.write_table(files, target)
+
+
+def _skipped_lines(bad: pa.Table) -> str:
+    """skipped.jsonl: one `{"path", "reason"}` line per file that could not be used."""
+    return "".join(
+        json.dumps({"path": p, "reason": r}) + "\n"
+        for p, r in zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
+    )
 
 
 def _write(
@@ -438,120 +634,14 @@ def _write(
     n_good = int(pc.sum(ok).as_py() or 0)
     if n_good == 0:
         raise ImgsimError(f"none of the {files.num_rows} files under {data} could be used as an image")
-    # the previous index's rows that stay (in their order), as a mask over embeddings.parquet
-    keep = np.zeros(0, bool)
-    if previous.manifest:
-        good_reused = reused["error"].null_count  # rows without an error: those in embeddings.parquet
-        if good_reused == previous.manifest.get("images", -1):  # every previous row stays
-            keep = np.ones(good_reused, bool)
-        else:
-            prev_paths = pq.read_table(paths.embeddings, columns=["path"])["path"]
-            keep = pc.is_in(prev_paths, value_set=_good(reused)["path"]).to_numpy(zero_copy_only=False)
-    n_kept = int(keep.sum())
-    n_new = n_good - n_kept
-    changed = int((~keep).sum()) + n_new
-    update = _can_update(previous, n_good, changed, clusters, metric, kind)
-
-    def previous_batches(columns: list[str]) -> Iterator[pa.Table]:
-        if not keep.any():
-            return
-        start = 0
-        for batch in pq.ParquetFile(paths.embeddings).iter_batches(batch_size=READ_ROWS, columns=columns):
-            mask = keep[start : start + batch.num_rows]
-            start += batch.num_rows
-            if mask.any():
-                yield pa.Table.from_batches([batch]).filter(pa.array(mask))
-
-    def new_good(columns: list[str]) -> Iterator[pa.Table]:
-        for t in new.batches([*columns, "error"]):
-            good = _good(t).select(columns)
-            if good.num_rows:
-                yield good
-
-    t0 = time.perf_counter()
-    if update:
-        clusterer = KMeansClusterer.load(paths.kmeans_dir)
-        index = KnnIndex.load(paths.index_dir, expect_fingerprint=fingerprint)
-        index.nprobe = nprobe
-        index.remove(np.flatnonzero(~keep))
-        new_labels = []
-        for t in new_good(["embedding"]):
-            emb = embedding_matrix(t)
-            new_labels.append(clusterer.predict(emb))
-            index.add(emb)
-        labels_new = np.concatenate(new_labels) if new_labels else np.zeros(0, np.int64)
-        fitted = previous.manifest["fitted_images"]
-        changed_since_fit = previous.manifest.get("changed_since_fit", 0) + changed
+    rows = IndexRows(paths, _kept_rows(paths, previous, reused), new)
+    changed = int((~rows.keep).sum()) + n_good - rows.kept
+    if _can_update(previous, n_good, changed, clusters, metric, kind):
+        fitted = _update_index(rows, previous, fingerprint, nprobe, changed)
     else:
-        emb = None
-        at = 0
-        for source in (previous_batches, new_good):
-            for t in source(["embedding"]):
-                part = embedding_matrix(t)
-                if emb is None:
-                    emb = np.empty((n_good, part.shape[1]), np.float32)
-                emb[at : at + len(part)] = part
-                at += len(part)
-        assert emb is not None and at == n_good
-        with stage("KMeans", len(emb), "embeddings") as p:
-            clusterer = KMeansClusterer(clusters, metric=metric).fit(emb)
-            p.note(f"{len(clusterer.centroids_)} clusters")
-        with stage("KNN", len(emb), "embeddings") as p:
-            index = KnnIndex(metric=metric, kind=kind, nprobe=nprobe).fit(emb)
-            p.note(f"{index.kind_} {metric} index")
-        del emb
-        labels_new = clusterer.labels_[n_kept:]
-        fitted, changed_since_fit = n_good, 0
-    fit_s = time.perf_counter() - t0
+        fitted = _fit_index(rows, n_good, clusters=clusters, metric=metric, kind=kind, nprobe=nprobe)
+    clusterer, index = fitted.clusterer, fitted.index
     sizes = np.zeros(len(clusterer.centroids_), np.int64)
-
-    def count(clusters: pa.ChunkedArray | pa.Array) -> None:
-        sizes[:] += np.bincount(np.asarray(clusters), minlength=len(sizes))[: len(sizes)]
-
-    def with_labels(tables: Iterator[pa.Table], labels: np.ndarray) -> Iterator[pa.Table]:
-        """Index rows from rows without a cluster: `labels` in order, as the cluster column."""
-        at = 0
-        for t in tables:
-            t = t.add_column(2, "cluster", pa.array(labels[at : at + t.num_rows], pa.int64()))
-            at += t.num_rows
-            yield t.select([*INDEX_COLUMNS, "embedding"])
-
-    def write_embeddings(target: Path) -> None:
-        """embeddings.parquet, streamed: the kept previous rows in their order, then the new ones.
-        When only rows were added, the previous file's bytes are copied and the new rows appended
-        (`imgsim.io.parquet_append`), rather than a million unchanged rows decoded and encoded again."""
-        without_cluster = [c for c in INDEX_COLUMNS if c != "cluster"] + ["embedding"]
-        if update and n_kept and keep.all():
-            new_rows = list(with_labels(new_good(without_cluster), labels_new))
-            if append_rows(paths.embeddings, new_rows, target, use_dictionary=EMBEDDINGS_DICTIONARY):
-                count(pq.read_table(target, columns=["cluster"])["cluster"])
-                return
-        previous_labels = None if update else clusterer.labels_[:n_kept]  # None: keep the stored ones
-        writer = schema = None
-        try:
-            for source, labels in ((previous_batches, previous_labels), (new_good, labels_new)):
-                tables = (
-                    source([*INDEX_COLUMNS, "embedding"])
-                    if labels is None
-                    else with_labels(source(without_cluster), labels)
-                )
-                for t in tables:
-                    count(t["cluster"])
-                    if writer is None:
-                        schema = t.schema
-                        writer = pq.ParquetWriter(target, schema, use_dictionary=EMBEDDINGS_DICTIONARY)
-                    writer.write_table(t.cast(schema))
-        finally:
-            if writer is not None:
-                writer.close()
-
-    def write_files(target: Path) -> None:
-        """files.parquet: appended to when it is `reused` unchanged (every previous row kept, in order)."""
-        unchanged = reused.num_rows and reused.num_rows == previous.files.num_rows
-        if unchanged and append_rows(paths.files, list(new.batches(FILE_COLUMNS)), target):
-            return
-        pq.write_table(files, target)
-
     bad = files.filter(pc.invert(ok))
     manifest = {
         "data": data,
@@ -563,21 +653,19 @@ def _write(
         "clusters": int(len(clusterer.centroids_)),
         "clusters_requested": clusters,
         "dim": int(index.dim_),
-        "fitted_images": fitted,
-        "changed_since_fit": changed_since_fit,
+        "fitted_images": fitted.fitted_images,
+        "changed_since_fit": fitted.changed_since_fit,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    skipped_lines = "".join(
-        json.dumps({"path": p, "reason": r}) + "\n"
-        for p, r in zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
-    )
+    skipped_lines = _skipped_lines(bad)
     try:
-        index.save(
+        save_index_folder(
             paths.index_dir,
-            model_fingerprint=fingerprint,
-            extra_files={
-                paths.embeddings.name: write_embeddings,
-                paths.files.name: write_files,
+            index,
+            fingerprint,
+            {
+                paths.embeddings.name: lambda p: _write_embeddings(p, rows, fitted, sizes),
+                paths.files.name: lambda p: _write_files(p, paths, files, reused, previous, new),
                 paths.skipped.name: lambda p: p.write_text(skipped_lines),
                 paths.kmeans_dir.name: clusterer.save,
                 paths.manifest.name: lambda p: p.write_text(json.dumps(manifest, indent=2)),
@@ -590,8 +678,10 @@ def _write(
                 "space and re-run `imgsim index`: the previous index is unchanged and still served"
             ) from None
         raise
-    if update:  # a refit shows as the KMeans and KNN stages
-        log(f"index: updated the KMeans + KNN index with {changed:,} changed images in {fit_s:.1f} s")
+    if fitted.updated:  # a refit shows as the KMeans and KNN stages
+        log(
+            f"index: updated the KMeans + KNN index with {changed:,} changed images in {fitted.seconds:.1f} s"
+        )
     return {
         "images": n_good,
         "skipped": bad.num_rows,
@@ -601,7 +691,7 @@ def _write(
         "metric": metric,
         "index_dir": str(paths.index_dir),
         "cluster_sizes": sizes.tolist(),
-        "updated": update,
+        "updated": fitted.updated,
     }
 
 

@@ -43,13 +43,24 @@ def _verify_chunk(paths: list[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return verify_pairs(paths, a, b, read_bytes, threads=1)[0]
 
 
-def pair_verifier(use_ray: bool | None = None) -> PairVerifier:
-    """A `PairVerifier` that spreads more than IN_PROCESS_MAX_PAIRS pairs (or any, with `use_ray`) over Ray
-    tasks of PAIRS_PER_TASK pairs, each sent only the paths it needs; fewer are verified here."""
+def pair_verifier() -> PairVerifier:
+    """A `PairVerifier` that spreads more than IN_PROCESS_MAX_PAIRS pairs over Ray tasks
+    (`ray_pair_verifier`); fewer are verified here (`verify_here`)."""
+    on_ray = ray_pair_verifier()
 
     def verify(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if not (use_ray if use_ray is not None else len(a) > IN_PROCESS_MAX_PAIRS):
-            return verify_here(paths, a, b)
+        if len(a) > IN_PROCESS_MAX_PAIRS:
+            return on_ray(paths, a, b)
+        return verify_here(paths, a, b)
+
+    return verify
+
+
+def ray_pair_verifier() -> PairVerifier:
+    """A `PairVerifier` that verifies pairs as Ray tasks of PAIRS_PER_TASK pairs, each sent only the
+    paths it needs."""
+
+    def verify(paths: Sequence[str], a: np.ndarray, b: np.ndarray) -> np.ndarray:
         import ray
 
         from pipelines.runtime import ensure_ray
@@ -87,15 +98,14 @@ def duplicates(
     seed: int = DEFAULTS.duplicates.seed,
     html_groups: int = DEFAULTS.duplicates.html_groups,
     nprobe: int | None = None,
-    use_ray: bool | None = None,
 ) -> dict[str, Any]:
     """Find the groups, write duplicates.jsonl/.csv/.html into `out`; the summary (`--json`)."""
     run = str(Path(run).resolve())
     searcher = Searcher.load(run)
-    runner = copy_runner(run, searcher, min(copies, len(searcher)) * len(TRAINED_EDITS), use_ray)
+    runner = copy_runner(run, searcher, min(copies, len(searcher)) * len(TRAINED_EDITS))
     report = find_duplicates(
         run, threshold=threshold, precision=precision, recalibrate=recalibrate, full=full, copies=copies,
-        seed=seed, runner=runner, searcher=searcher, verify=verify, verifier=pair_verifier(use_ray),
+        seed=seed, runner=runner, searcher=searcher, verify=verify, verifier=pair_verifier(),
         nprobe=nprobe,
     )  # fmt: skip
     summary = report.summary()

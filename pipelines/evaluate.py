@@ -131,16 +131,14 @@ def ray_runner(run: str) -> copies_lib.ChunkRunner:
     return run_chunks
 
 
-def on_ray(work: int, use_ray: bool | None = None) -> bool:
-    """Whether `work` copies are made as Ray tasks: above IN_PROCESS_MAX_COPIES, unless `use_ray` says."""
-    return use_ray if use_ray is not None else work > IN_PROCESS_MAX_COPIES
+def on_ray(work: int) -> bool:
+    """Whether `work` copies are made as Ray tasks: above IN_PROCESS_MAX_COPIES."""
+    return work > IN_PROCESS_MAX_COPIES
 
 
-def copy_runner(
-    run: str, searcher: Searcher, work: int, use_ray: bool | None = None
-) -> copies_lib.ChunkRunner:
-    """Ray tasks for more than IN_PROCESS_MAX_COPIES copies (or when `use_ray`), else in-process."""
-    return ray_runner(run) if on_ray(work, use_ray) else copies_lib.in_process(searcher.model)
+def copy_runner(run: str, searcher: Searcher, work: int) -> copies_lib.ChunkRunner:
+    """Ray tasks for more than IN_PROCESS_MAX_COPIES copies (`ray_runner`), else in-process."""
+    return ray_runner(run) if on_ray(work) else copies_lib.in_process(searcher.model)
 
 
 def index_columns(run: str) -> tuple[np.ndarray, list[str], list[str | None] | None]:
@@ -163,14 +161,13 @@ def evaluate_copies_run(
     k: int = DEFAULTS.search.k,
     precision: float = DEFAULTS.duplicates.precision,
     edits: Sequence[str] = copies_lib.DEFAULT_EDITS,
-    use_ray: bool | None = None,
 ) -> dict[str, Any]:
     """`imgsim eval --copies N`: the label-free report of `imgsim.evaluation.copies` for RUN's index."""
     started = time.perf_counter()
     searcher = Searcher.load(run)
     db_emb, paths, hashes = index_columns(run)
     n = min(copies, len(paths))
-    runner = copy_runner(run, searcher, n * len(edits), use_ray)
+    runner = copy_runner(run, searcher, n * len(edits))
     loaded = time.perf_counter()
     made: list[float] = []
 
@@ -190,7 +187,7 @@ def evaluate_copies_run(
     log(
         f"[eval] {queries} copies of {report['copies']} images queried {len(paths)} in {done - started:.1f} s: "
         f"load {loaded - started:.1f} s, copies read, edited, decoded and embedded {made[0] - loaded:.1f} s "
-        f"({'Ray tasks' if on_ray(n * len(edits), use_ray) else 'in-process'}), search and scoring "
+        f"({'Ray tasks' if on_ray(n * len(edits)) else 'in-process'}), search and scoring "
         f"{done - made[0]:.1f} s"
     )
     return report

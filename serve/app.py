@@ -260,6 +260,7 @@ class ImgsimSearch:
     ) -> None:
         import torch
 
+        from imgsim.duplicates.lookup import DuplicateLookup
         from imgsim.index.knn import set_threads
         from imgsim.index.search import Searcher
 
@@ -269,6 +270,7 @@ class ImgsimSearch:
         set_threads(max(1, torch_threads))
         bound_allocator()  # freed pixel buffers go back to the kernel (serve.guards)
         self.searcher = Searcher.load(run, device="cpu", allow_private_urls=allow_private_urls)
+        self.duplicate_lookup = DuplicateLookup(self.searcher)
         self.show_path = PathShown.for_paths(paths, _data_root(run), self.searcher.paths)
         self.size = len(self.searcher)
         try:
@@ -323,7 +325,9 @@ class ImgsimSearch:
 
         def answer_of(image: np.ndarray) -> dict[str, Any]:
             # verification decodes the query's bytes once more: for a large query, still in its slot
-            return self.searcher.duplicates_of_preprocessed(image, content_hash(data), None, k, data=data)
+            return self.duplicate_lookup.duplicates_of_preprocessed(
+                image, content_hash(data), None, k, data=data
+            )
 
         answer = await self._decode(data, query, then=answer_of)
         for match in answer["matches"]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from bench.patterns import make_pattern_image
+from bench.processes import free_port
 
 os.environ.setdefault("RAY_ACCEPT_CALLABLE_ENTRYPOINT", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -54,39 +53,9 @@ def wait_healthy(url: str, timeout_s: float = 120.0, alive: Callable[[], None] |
         time.sleep(0.25)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def port() -> int:
     return free_port()
-
-
-def make_pattern_image(kind: int, seed: int, size: int = 32, mode: str = "L") -> Image.Image:
-    """A small structured image of class `kind` (stripes, checks, blob, ...) with per-seed jitter.
-
-    Classes are visually distinct so that a working embedding retrieves same-class images.
-    """
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    phase = rng.uniform(0, 0.2)
-    if kind % 4 == 0:
-        img = np.sin((xx + phase) * 6 * np.pi)  # vertical stripes
-    elif kind % 4 == 1:
-        img = np.sin((yy + phase) * 6 * np.pi)  # horizontal stripes
-    elif kind % 4 == 2:
-        cx, cy = 0.5 + rng.uniform(-0.1, 0.1, size=2)
-        img = 1.0 - 4 * ((xx - cx) ** 2 + (yy - cy) ** 2)  # blob
-    else:
-        img = np.sign(np.sin((xx + phase) * 4 * np.pi) * np.sin((yy + phase) * 4 * np.pi))  # checks
-    img = img + rng.normal(0, 0.1, img.shape)
-    arr = np.clip((img - img.min()) / (np.ptp(img) + 1e-6) * 255, 0, 255).astype(np.uint8)
-    out = Image.fromarray(arr, mode="L")
-    return out.convert(mode) if mode != "L" else out
 
 
 @pytest.fixture
@@ -305,49 +274,3 @@ def ray_head(tmp_path: Path) -> Iterator[RayHead]:
         yield head
     finally:
         head.stop()
-
-
-def descendants(pid: int | None = None) -> list[Any]:
-    """psutil.Process objects of every process started, directly or not, by `pid` (default: this one)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def ray_processes(name: str, pid: int | None = None) -> list[Any]:
-    """Ray worker processes below `pid` whose title names `name` (Ray sets it to "ray::<Actor>...")."""
-    import psutil
-
-    found = []
-    for p in descendants(pid):
-        with contextlib.suppress(psutil.Error):
-            if any(part.startswith(f"ray::{name}") for part in p.cmdline()[:1]):
-                found.append(p)
-    return found
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` first (the fault), then everything it had started (clean-up)."""
-    import psutil
-
-    rest = descendants(pid)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        psutil.Process(pid).kill()
-    for p in rest:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(rest, timeout=30)
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    """Poll `condition()` until it returns something truthy; that value, or TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what} did not happen in {timeout_s} s")

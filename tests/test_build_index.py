@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import kill_tree, make_pattern_image, wait_for
+from conftest import make_pattern_image
 from PIL import Image
 
+from bench.processes import kill_tree, wait_for
 from imgsim.cli import main
 from imgsim.data.rows import read_embeddings
 from imgsim.models import autoencoder as model_lib

@@ -143,12 +143,21 @@ def test_report_fields_and_same_seed_same_result(
 
 
 def test_ray_tasks_and_in_process_give_the_same_report(mirror_run: Path) -> None:
-    from pipelines.evaluate import evaluate_copies_run
+    """`imgsim eval --copies` on a few copies (made in the process), and the same evaluation with the
+    copies made as Ray tasks (`ray_runner`, what more than IN_PROCESS_MAX_COPIES copies get)."""
+    from imgsim.index.search import Searcher
+    from pipelines.evaluate import evaluate_copies_run, index_columns, on_ray, ray_runner
 
     edits = ("crop", "mirror", "blur")
-    in_process = evaluate_copies_run(str(mirror_run), 9, seed=1, edits=edits, use_ray=False)
-    on_ray = evaluate_copies_run(str(mirror_run), 9, seed=1, edits=edits, use_ray=True)
-    assert in_process == on_ray
+    assert not on_ray(9 * len(edits))
+    in_process = evaluate_copies_run(str(mirror_run), 9, seed=1, edits=edits)
+    searcher = Searcher.load(mirror_run)
+    db_emb, paths, hashes = index_columns(str(mirror_run))
+    on_ray_report = copies_lib.evaluate_copies(
+        searcher.model, searcher.index, db_emb, paths, hashes, copies=9, seed=1, edits=edits,
+        runner=ray_runner(str(mirror_run)),
+    )  # fmt: skip
+    assert in_process == on_ray_report
 
 
 def test_threshold_calibration_by_hand() -> None:

@@ -12,6 +12,7 @@ import pytest
 from imgsim.errors import ModelMismatch, RunNotFound
 from imgsim.index import knn as index_lib
 from imgsim.index.knn import KMeansClusterer, KnnIndex
+from imgsim.io.atomic import writing_dir
 
 
 def clustered(n: int, dim: int = 16, centres: int = 20, seed: int = 0) -> np.ndarray:
@@ -180,8 +181,9 @@ def test_a_crash_mid_save_leaves_the_old_index_intact(
         raise RuntimeError("disk full")
 
     new = KnnIndex().fit(clustered(50, seed=5))
-    with pytest.raises(RuntimeError, match="disk full"):
-        new.save(tmp_path / "knn", model_fingerprint="new", extra_files={"x.bin": boom})
+    with pytest.raises(RuntimeError, match="disk full"), writing_dir(tmp_path / "knn") as folder:
+        new.save(folder, model_fingerprint="new")  # the run's index folder: the index, then the rest
+        boom(folder / "x.bin")
 
     def write_half(index: object, path: str) -> None:  # faiss's writer dies after writing half a file
         Path(path).write_bytes(b"\0" * 100)
@@ -197,22 +199,31 @@ def test_a_crash_mid_save_leaves_the_old_index_intact(
 
 
 def test_a_crash_between_the_two_renames_is_repaired_on_load(tmp_path: Path) -> None:
-    # Where no atomic exchange exists, save moves the old directory aside, then moves the new one in.
-    # Dying in between leaves only the set-aside old version (and a staging dir); load restores it.
+    # Where no atomic exchange exists, the folder's writer (`writing_dir`) moves the old directory
+    # aside, then moves the new one in. Dying in between leaves only the set-aside old version (and a
+    # staging dir); load restores it.
     x = clustered(100)
-    KnnIndex().fit(x).save(tmp_path / "knn", model_fingerprint="old")
+    with writing_dir(tmp_path / "knn") as folder:
+        KnnIndex().fit(x).save(folder, model_fingerprint="old")
     os.replace(tmp_path / "knn", tmp_path / ".knn.old-dead1234")
     (tmp_path / ".knn.abc.tmp").mkdir()
     assert KnnIndex.load(tmp_path / "knn", expect_fingerprint="old").n_ == 100
-    KnnIndex().fit(x[:10]).save(tmp_path / "knn", model_fingerprint="new")
+    with writing_dir(tmp_path / "knn") as folder:
+        KnnIndex().fit(x[:10]).save(folder, model_fingerprint="new")
     assert KnnIndex.load(tmp_path / "knn").n_ == 10
     assert not list(tmp_path.glob(".knn.old-*"))
 
 
-def test_save_replaces_the_whole_directory(tmp_path: Path) -> None:
+def test_save_writes_only_the_index_and_its_folder_is_replaced_whole(tmp_path: Path) -> None:
     x = clustered(100)
-    KnnIndex().fit(x).save(tmp_path / "idx", extra_files={"a.txt": lambda p: p.write_text("a")})
-    KnnIndex().fit(x).save(tmp_path / "idx", extra_files={"b.txt": lambda p: p.write_text("b")})
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "other.txt").write_text("not the index's")
+    KnnIndex().fit(x).save(tmp_path / "idx")
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["knn.faiss", "meta.json", "other.txt"]
+    for name in ("a.txt", "b.txt"):  # the folder's writer swaps it in whole: the old files go
+        with writing_dir(tmp_path / "idx") as folder:
+            KnnIndex().fit(x).save(folder)
+            (folder / name).write_text(name)
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["b.txt", "knn.faiss", "meta.json"]
 
 

@@ -56,6 +56,7 @@ def build_small_run(root: Path) -> Path:
 
     from imgsim.data.decode import decode_image
     from imgsim.index.knn import KMeansClusterer, KnnIndex
+    from imgsim.io.atomic import writing_dir
     from imgsim.io.runs import RunPaths
     from imgsim.models import autoencoder as model_lib
 
@@ -86,16 +87,12 @@ def build_small_run(root: Path) -> Path:
         }
     )
     manifest = {"images": len(files), "model_fingerprint": fingerprint, "dim": int(emb.shape[1])}
-    index.save(
-        paths.index_dir,
-        model_fingerprint=fingerprint,
-        extra_files={
-            "embeddings.parquet": lambda p: pq.write_table(table, p),
-            "skipped.jsonl": lambda p: p.write_text(""),
-            "kmeans": clusterer.save,
-            "manifest.json": lambda p: p.write_text(json.dumps(manifest)),
-        },
-    )
+    with writing_dir(paths.index_dir) as folder:
+        index.save(folder, model_fingerprint=fingerprint)
+        pq.write_table(table, folder / "embeddings.parquet")
+        (folder / "skipped.jsonl").write_text("")
+        clusterer.save(folder / "kmeans")
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return paths.root
 
 
@@ -317,7 +314,9 @@ def test_an_indexed_image_is_a_duplicate_of_itself(served: Served) -> None:
     }
     assert all(m["distance"] <= body["threshold"] + 1e-5 for m in body["matches"][1:])
     # the replica calibrated on its first request and stored it; in-process reads the stored one
-    in_process = served.searcher.duplicates_of(path)
+    from imgsim.duplicates.lookup import DuplicateLookup
+
+    in_process = DuplicateLookup(served.searcher).duplicates_of(path)
     assert (body["threshold_source"], in_process["threshold_source"]) in {
         ("calibrated", "stored calibration"),
         ("stored calibration", "stored calibration"),

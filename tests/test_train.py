@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import kill_tree, ray_processes, wait_for
 
+from bench.processes import kill_tree, latest_checkpoint, ray_processes, wait_for
 from imgsim.models import autoencoder as model_lib
 from pipelines.train import train
 
@@ -37,22 +37,6 @@ def test_two_worker_ddp_reduces_the_loss_and_saves_a_loadable_model(
     assert (run / "plots" / "loss.png").stat().st_size > 1000
 
 
-def _latest_checkpoint(run: Path) -> dict | None:
-    """The state in the checkpoint Ray Train has registered last (the one a restart resumes from,
-    as its checkpoint_manager_snapshot.json records), or None before the first."""
-    import torch
-
-    for snapshot in run.glob("checkpoints/train-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
-            return torch.load(
-                snapshot.parent / latest / "checkpoint.pt", map_location="cpu", weights_only=False
-            )
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # being written or rotated
-            continue
-    return None
-
-
 def test_resume_continues_after_the_driver_is_killed(image_folder: Path, tmp_path: Path) -> None:
     # `imgsim train` is killed (SIGKILL, as the OOM killer or a lost node would) after an epoch's
     # checkpoint; `--resume` then continues the same Ray Train run from it.
@@ -63,7 +47,7 @@ def test_resume_continues_after_the_driver_is_killed(image_folder: Path, tmp_pat
         [sys.executable, "-m", "imgsim.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        at_kill = wait_for(lambda: _latest_checkpoint(run), 240, "a first checkpoint")
+        at_kill = wait_for(lambda: latest_checkpoint(run), 240, "a first checkpoint")
     finally:
         kill_tree(driver.pid)
     assert driver.wait(timeout=30) != 0
@@ -96,7 +80,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_and_the_run_finishes(
 
     trainer = threading.Thread(target=fit)
     trainer.start()
-    at_kill = wait_for(lambda: _latest_checkpoint(run), 240, "a first checkpoint")
+    at_kill = wait_for(lambda: latest_checkpoint(run), 240, "a first checkpoint")
     (victim, *_) = wait_for(lambda: ray_processes("RayTrainWorker"), 60, "a Ray Train worker process")
     victim.kill()
     trainer.join(timeout=600)

@@ -218,19 +218,20 @@ def test_duplicates_keep_copies_and_drop_lookalike_tiles(tile_run: tuple[Path, P
 def test_one_image_against_the_collection_is_verified_too(
     tile_run: tuple[Path, Path, dict[str, str]],
 ) -> None:
-    """`matches_of` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
+    """`DuplicateLookup.matches` (behind `query --duplicates` and POST /duplicates) with the query's bytes: within a
     loose radius only the tile the query was cut from (and its copy) match; without bytes, the
     embedding's threshold alone decides."""
-    from imgsim.duplicates.groups import matches_of
+    from imgsim.duplicates.lookup import DuplicateLookup
     from imgsim.index.search import Searcher
 
     data, run, _ = tile_run
     searcher = Searcher.load(run)
+    lookup = DuplicateLookup(searcher)
     query = jpeg(edited(Image.open(data / "t4.jpg")), 50)
     emb = searcher.embed(searcher.to_image(query)[None])[0]
-    verified = matches_of(searcher, emb, None, 0.0, data=query, radius=0.5)
+    verified = lookup.matches(emb, None, 0.0, data=query, radius=0.5)
     assert {Path(m["path"]).name for m in verified} == {"t4.jpg", "t4-copy.jpg"}
-    unverified = matches_of(searcher, emb, None, 0.5)
+    unverified = lookup.matches(emb, None, 0.5)
     assert len(unverified) > 2
 
 
@@ -265,19 +266,23 @@ def test_an_incremental_run_verifies_only_the_new_pairs(
 
 
 def test_many_pairs_are_verified_as_ray_tasks_with_the_same_verdicts(
-    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path
+    tile_run: tuple[Path, Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
 
-    from pipelines.duplicates import duplicates, pair_verifier
+    import pipelines.duplicates
+    from imgsim.duplicates.groups import verify_here
+    from pipelines.duplicates import duplicates, ray_pair_verifier
 
     data, run, copies = tile_run
     paths = sorted(str(p) for p in data.iterdir())
     a, b = np.triu_indices(len(paths), 1)
-    here = pair_verifier(use_ray=False)(paths, a, b)
-    assert (pair_verifier(use_ray=True)(paths, a, b) == here).all()
+    here = verify_here(paths, a, b)
+    assert (ray_pair_verifier()(paths, a, b) == here).all()
     assert (here == verify.VERIFIED).sum() >= len(copies)
-    summary = duplicates(run, threshold=0.5, full=True, out=tmp_path, use_ray=True)
+    # `imgsim duplicates` on a collection with more pairs than it verifies in the process
+    monkeypatch.setattr(pipelines.duplicates, "IN_PROCESS_MAX_PAIRS", 0)
+    summary = duplicates(run, threshold=0.5, full=True, out=tmp_path)
     groups = [json.loads(line) for line in (tmp_path / "duplicates.jsonl").read_text().splitlines()]
     assert summary["groups"] == len(copies) == len(groups)
     assert {frozenset(m["path"] for m in g["members"]) for g in groups} == {

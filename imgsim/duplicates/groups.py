@@ -1,4 +1,5 @@
-"""Exact and near-duplicate groups over an indexed collection; one image against the collection.
+"""Exact and near-duplicate groups over an indexed collection (one image against it:
+`imgsim.duplicates.lookup`).
 
     from imgsim.duplicates.groups import find_duplicates
     report = find_duplicates("runs/photos")        # calibrated threshold, incremental
@@ -613,6 +614,117 @@ class DuplicateReport:
         }
 
 
+@dataclass
+class ReusedPairs:
+    """What the stored pair state still holds for this run (`reconcile_pairs`): its pairs in this run's
+    node numbers, with their distances and verification status, and the nodes to search again."""
+
+    a: np.ndarray
+    b: np.ndarray
+    distance: np.ndarray
+    status: np.ndarray
+    to_search: np.ndarray
+
+
+def reconcile_pairs(
+    previous: PairState | None, settings: dict[str, Any], radius: float, node_key: pa.Array
+) -> ReusedPairs:
+    """The stored pairs that stay valid, and which nodes need searching: with a usable state
+    (`PairState.usable`), the pairs whose two nodes still exist (within `radius`) and the nodes not
+    searched before; else no pairs, and every node."""
+    everything = ReusedPairs(
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8),
+        np.arange(len(node_key), dtype=np.int64),
+    )  # fmt: skip
+    if previous is None or not previous.usable(settings, radius):
+        return everything
+    known = pc.is_in(node_key, value_set=previous.searched).to_numpy(zero_copy_only=False)
+    a = pc.index_in(previous.key_a, value_set=node_key)
+    b = pc.index_in(previous.key_b, value_set=node_key)
+    keep = (pc.is_valid(a).to_numpy(zero_copy_only=False) & pc.is_valid(b).to_numpy(zero_copy_only=False)
+            & (previous.distance <= radius + TOLERANCE))  # fmt: skip
+    # in this run's node numbers, which a re-index may have reordered: pair_codes ignore the order
+    return ReusedPairs(
+        a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64),
+        b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64),
+        previous.distance[keep],
+        previous.status[keep],
+        np.flatnonzero(~known).astype(np.int64),
+    )
+
+
+def _threshold_for(
+    run: str | os.PathLike[str], searcher: Searcher, collection: Collection, threshold: float | None,
+    stages: dict[str, float], **calibration_options: Any,
+) -> tuple[float, str, dict[str, Any] | None]:  # fmt: skip
+    """(threshold, source, calibration): the given one, else the stored or a new calibration."""
+    calibration = None
+    if threshold is None:
+        t0 = time.perf_counter()
+        threshold, source, calibration = stored_or_calibrated(
+            run, searcher, collection, **calibration_options
+        )
+        stages["calibrate"] = time.perf_counter() - t0
+    else:
+        source = "--threshold"
+    if threshold < 0:
+        raise ValueError(f"the threshold must be at least 0, got {threshold}")
+    return threshold, source, calibration
+
+
+def _reach(
+    run: str | os.PathLike[str], fingerprint: str, calibration: dict[str, Any] | None, threshold: float,
+    checkable: np.ndarray,
+) -> float:  # fmt: skip
+    """How far candidates reach: the threshold, or, when some images can be verified, the
+    calibration's candidate radius if larger (with --threshold, a stored calibration's, if any)."""
+    radius = float(threshold)
+    if checkable.any():
+        measured = calibration if calibration is not None else load_calibration(run, fingerprint)
+        candidate_reach = (measured or {}).get("candidate_radius")
+        if candidate_reach is not None:
+            radius = max(radius, float(candidate_reach))
+    return radius
+
+
+def _new_pairs(
+    index: KnnIndex, collection: Collection, reused: ReusedPairs, checkable: np.ndarray, node_of_row: np.ndarray,
+    first_row: np.ndarray, threshold: float, radius: float, max_neighbours: int, nprobe: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(a, b, distance) of the pairs found from the nodes to search, not already among the reused
+    ones; verifiable nodes search out to `radius`, the others to the threshold."""
+    to_search = reused.to_search
+    wide = to_search[checkable[to_search]]
+    found = [
+        near_pairs(index, collection.emb, to_search[~checkable[to_search]], node_of_row, first_row, threshold,
+                   max_neighbours, nprobe),
+        near_pairs(index, collection.emb, wide, node_of_row, first_row, threshold, max_neighbours, nprobe,
+                   radius=radius),
+    ]  # fmt: skip
+    new_a, new_b, new_d = unique_pairs(*(np.concatenate(part) for part in zip(*found, strict=True)))
+    if len(reused.a):  # a pair already judged keeps its status (found again from a new node's side)
+        fresh = ~np.isin(pair_codes(new_a, new_b), pair_codes(reused.a, reused.b))
+        new_a, new_b, new_d = new_a[fresh], new_b[fresh], new_d[fresh]
+    return new_a, new_b, new_d
+
+
+def _link_groups(
+    collection: Collection, node_of_row: np.ndarray, first_row: np.ndarray, pairs: tuple[np.ndarray, ...],
+    metric: str, threshold: float,
+) -> list[Group]:  # fmt: skip
+    """The groups by complete linkage over the linked pairs (a, b, distance, status)."""
+    a, b, d, status = pairs
+    vectors = metric_space(collection.emb[first_row], metric)
+    linked = verification.links(status, d, threshold, TOLERANCE)
+    codes = pair_codes(a, b)
+    node_groups = complete_linkage(
+        len(first_row), a[linked], b[linked], d[linked], vectors, metric, threshold,
+        verified=set(codes[status == verification.VERIFIED].tolist()),
+        rejected=set(codes[status == verification.REJECTED].tolist()),
+    )  # fmt: skip
+    return build_groups(collection, node_groups, node_of_row, first_row, metric)
+
+
 def find_duplicates(
     run: str | os.PathLike[str],
     *,
@@ -644,18 +756,10 @@ def find_duplicates(
     searcher = searcher or Searcher.load(run)
     collection = Collection.read(run)
     stages["load"] = time.perf_counter() - started
-    calibration = None
-    if threshold is None:
-        t0 = time.perf_counter()
-        threshold, source, calibration = stored_or_calibrated(
-            run, searcher, collection, precision=precision, recalibrate=recalibrate, copies=copies, seed=seed,
-            runner=runner,
-        )  # fmt: skip
-        stages["calibrate"] = time.perf_counter() - t0
-    else:
-        source = "--threshold"
-    if threshold < 0:
-        raise ValueError(f"the threshold must be at least 0, got {threshold}")
+    threshold, source, calibration = _threshold_for(
+        run, searcher, collection, threshold, stages,
+        precision=precision, recalibrate=recalibrate, copies=copies, seed=seed, runner=runner,
+    )  # fmt: skip
 
     t0 = time.perf_counter()
     keys = node_keys(collection.paths, collection.hashes)
@@ -664,14 +768,7 @@ def find_duplicates(
     index = searcher.index
     # images large enough for keypoints are verified, so their candidates reach further
     checkable = collection.verifiable(first_row) if verify else np.zeros(len(first_row), bool)
-    radius = float(threshold)
-    if checkable.any():  # with --threshold, a stored calibration's radius, if any
-        measured = (
-            calibration if calibration is not None else load_calibration(run, searcher.model.fingerprint)
-        )
-        candidate_reach = (measured or {}).get("candidate_radius")
-        if candidate_reach is not None:
-            radius = max(radius, float(candidate_reach))
+    radius = _reach(run, searcher.model.fingerprint, calibration, threshold, checkable)
     settings = {
         "version": STATE_VERSION,
         "model_fingerprint": searcher.model.fingerprint,
@@ -682,34 +779,19 @@ def find_duplicates(
         "threshold": float(threshold),
         "radius": radius,
     }
-    previous = None if full else PairState.read(run)
-    reused_a = reused_b = np.zeros(0, np.int64)
-    reused_d = np.zeros(0, np.float32)
-    reused_s = np.zeros(0, np.int8)
-    to_search = np.arange(len(first_row), dtype=np.int64)
-    if previous is not None and previous.usable(settings, radius):
-        known = pc.is_in(node_key, value_set=previous.searched).to_numpy(zero_copy_only=False)
-        to_search = np.flatnonzero(~known).astype(np.int64)
-        a = pc.index_in(previous.key_a, value_set=node_key)
-        b = pc.index_in(previous.key_b, value_set=node_key)
-        keep = (pc.is_valid(a).to_numpy(zero_copy_only=False) & pc.is_valid(b).to_numpy(zero_copy_only=False)
-                & (previous.distance <= radius + TOLERANCE))  # fmt: skip
-        # in this run's node numbers, which a re-index may have reordered: pair_codes ignore the order
-        reused_a = a.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
-        reused_b = b.fill_null(0).to_numpy(zero_copy_only=False)[keep].astype(np.int64)
-        reused_d = previous.distance[keep]
-        reused_s = previous.status[keep]
-    wide = to_search[checkable[to_search]]
-    found = [
-        near_pairs(index, collection.emb, to_search[~checkable[to_search]], node_of_row, first_row, threshold,
-                   max_neighbours, nprobe),
-        near_pairs(index, collection.emb, wide, node_of_row, first_row, threshold, max_neighbours, nprobe,
-                   radius=radius),
-    ]  # fmt: skip
-    new_a, new_b, new_d = unique_pairs(*(np.concatenate(part) for part in zip(*found, strict=True)))
-    if len(reused_a):  # a pair already judged keeps its status (found again from a new node's side)
-        fresh = ~np.isin(pair_codes(new_a, new_b), pair_codes(reused_a, reused_b))
-        new_a, new_b, new_d = new_a[fresh], new_b[fresh], new_d[fresh]
+    reused = reconcile_pairs(None if full else PairState.read(run), settings, radius, node_key)
+    new_a, new_b, new_d = _new_pairs(
+        index,
+        collection,
+        reused,
+        checkable,
+        node_of_row,
+        first_row,
+        threshold,
+        radius,
+        max_neighbours,
+        nprobe,
+    )
     stages["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -718,21 +800,13 @@ def find_duplicates(
     if judge.any():
         new_s[judge] = verify_node_pairs(collection, first_row, new_a[judge], new_b[judge], verifier)
     stages["verify"] = time.perf_counter() - t0
-    a = np.concatenate([reused_a, new_a])
-    b = np.concatenate([reused_b, new_b])
-    d = np.concatenate([reused_d, new_d]).astype(np.float32)
-    status = np.concatenate([reused_s, new_s]).astype(np.int8)
+    a = np.concatenate([reused.a, new_a])
+    b = np.concatenate([reused.b, new_b])
+    d = np.concatenate([reused.distance, new_d]).astype(np.float32)
+    status = np.concatenate([reused.status, new_s]).astype(np.int8)
 
     t0 = time.perf_counter()
-    vectors = metric_space(collection.emb[first_row], index.metric)
-    linked = verification.links(status, d, threshold, TOLERANCE)
-    codes = pair_codes(a, b)
-    node_groups = complete_linkage(
-        len(first_row), a[linked], b[linked], d[linked], vectors, index.metric, threshold,
-        verified=set(codes[status == verification.VERIFIED].tolist()),
-        rejected=set(codes[status == verification.REJECTED].tolist()),
-    )  # fmt: skip
-    groups = build_groups(collection, node_groups, node_of_row, first_row, index.metric)
+    groups = _link_groups(collection, node_of_row, first_row, (a, b, d, status), index.metric, threshold)
     stages["group"] = time.perf_counter() - t0
 
     PairState(settings, node_key.take(pa.array(a)), node_key.take(pa.array(b)), d, node_key, status).write(
@@ -744,8 +818,8 @@ def find_duplicates(
         threshold_source=source,
         calibration=calibration,
         images=len(collection),
-        searched=int(len(to_search)),
-        reused_pairs=int(len(reused_a)),
+        searched=int(len(reused.to_search)),
+        reused_pairs=int(len(reused.a)),
         seconds=time.perf_counter() - started,
         stage_seconds=stages,
         verification={
@@ -757,57 +831,3 @@ def find_duplicates(
             **(verification.settings() if verify else {"version": None}),
         },
     )
-
-
-# -- one image against the collection ---------------------------------------------------------------
-def matches_of(
-    searcher: Searcher,
-    emb: np.ndarray,
-    content_hash: str | None,
-    threshold: float,
-    max_matches: int = DEFAULTS.duplicates.max_matches,
-    *,
-    data: bytes | None = None,
-    radius: float | None = None,
-) -> list[dict[str, Any]]:
-    """Indexed images within `threshold` of one query embedding, nearest first (byte-identical files
-    first of all), as `{"id", "path", "distance", "exact"}`.
-
-    With the query's bytes (`data`) and a candidate `radius` beyond the threshold, candidates are
-    verified geometrically as `imgsim duplicates` does (`imgsim.duplicates.verify`): a verified one is a match
-    out to `radius` (among the `verify_neighbours` nearest), a rejected one is not a match, and an
-    unverifiable one (a small or flat image) is a match within `threshold`."""
-    judged = data is not None and radius is not None and radius > threshold
-    reach = max(threshold, radius) if judged else threshold
-    wanted = max(max_matches, DEFAULTS.duplicates.verify_neighbours) if judged else max_matches
-    lims, dist, ids = searcher.index.range_search(emb[None], reach, max_results=wanted)
-    exact_ids = set(searcher.rows_with_hash(content_hash)) if content_hash else set()
-    found = {int(i): float(x) for i, x in zip(ids.tolist(), dist.tolist(), strict=True)}
-    if judged:
-        assert data is not None
-        ranked_ids = [i for i in ids.tolist() if i not in exact_ids]
-        candidates = [
-            i for rank, i in enumerate(ranked_ids) if found[i] <= threshold + TOLERANCE
-            or rank < DEFAULTS.duplicates.verify_neighbours
-        ]  # fmt: skip
-        from imgsim.data.sources import read_bytes
-
-        status = verification.verify_against(data, [searcher.paths[i] for i in candidates], read_bytes)
-        distance = np.array([found[i] for i in candidates], np.float64)
-        linked = {
-            i
-            for i, ok in zip(
-                candidates, verification.links(status, distance, threshold, TOLERANCE), strict=True
-            )
-            if ok
-        }
-        found = {i: x for i, x in found.items() if i in linked or i in exact_ids}
-    for i in exact_ids:
-        found.setdefault(i, 0.0)
-    ranked = sorted(found.items(), key=lambda item: (item[0] not in exact_ids, item[1], item[0]))[
-        :max_matches
-    ]
-    return [
-        {"id": i, "path": searcher.paths[i], "distance": round(d, 6), "exact": i in exact_ids}
-        for i, d in ranked
-    ]

@@ -27,9 +27,11 @@ whose probed partitions hold fewer than k items is re-run over all partitions. T
 `search_within`, whose rows are padded with id -1 / distance inf when the query's cluster has fewer
 than k items.
 
-`save(dir)` writes a complete new directory beside `dir` and swaps it in (an atomic exchange on
-Linux), so a crash never leaves a half-written index; `load(dir, expect_fingerprint=...)` refuses an
-index built with another model.
+`KnnIndex.save(dir)` writes the index's own two files into `dir` (knn.faiss, then meta.json), each
+renamed into place, and nothing else; the folder around them (a run's `index/`, with the embeddings and
+the KMeans centroids) is its caller's, swapped in whole with `imgsim.io.atomic.writing_dir`.
+`KMeansClusterer.save(dir)` writes `dir` whole, atomically. `load(dir, expect_fingerprint=...)`
+refuses an index built with another model.
 
 Threads: faiss uses OpenMP, by default one thread per core (or $OMP_NUM_THREADS). $IMGSIM_THREADS
 (read when an index or clusterer is first fitted or loaded) or `set_threads(n)` overrides that. Use 1
@@ -42,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import numpy as np
 from imgsim.config import DEFAULTS, METRICS
 from imgsim.config import INDEX_KINDS as KINDS
 from imgsim.errors import ImgsimError, ModelMismatch, RunNotFound
-from imgsim.io.atomic import recover_dir, writing_dir
+from imgsim.io.atomic import atomic_write_bytes, recover_dir, temp_path_beside, writing_dir
 
 META_FILE = "meta.json"
 INDEX_FILE = "knn.faiss"
@@ -559,25 +560,25 @@ class KnnIndex:
             "faiss_version": faiss.__version__,
         }
 
-    def save(
-        self,
-        directory: str | os.PathLike[str],
-        model_fingerprint: str = "",
-        extra_files: dict[str, Any] | None = None,
-    ) -> None:
-        """Write knn.faiss + meta.json (and `extra_files`: name → callable(path) that writes it) as the
-        whole directory `directory`, atomically: readers see the old directory or the new one.
+    def save(self, directory: str | os.PathLike[str], model_fingerprint: str = "") -> None:
+        """Write knn.faiss, then meta.json, into `directory` (created if missing); other files there
+        are left alone. Each file is written beside its target and renamed into place, so a crash
+        leaves the previous files; to replace a whole folder at once, save into
+        `imgsim.io.atomic.writing_dir(folder)`.
 
         `model_fingerprint` is opaque: `load(expect_fingerprint=...)` compares it.
         """
-        with writing_dir(directory) as tmp, ThreadPoolExecutor(1) as pool:
-            # faiss writes without the GIL: the extra files (embeddings.parquet above all) meanwhile
-            wrote = pool.submit(faiss.write_index, self.index_, str(tmp / INDEX_FILE))
-            for name, writer in (extra_files or {}).items():
-                writer(tmp / name)
-            wrote.result()
-            meta = {**self.meta, "model_fingerprint": model_fingerprint}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_beside(d / INDEX_FILE)
+        try:
+            faiss.write_index(self.index_, str(tmp))
+            os.replace(tmp, d / INDEX_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        meta = {**self.meta, "model_fingerprint": model_fingerprint}
+        atomic_write_bytes(d / META_FILE, (json.dumps(meta, indent=2) + "\n").encode())
         self.model_fingerprint_ = model_fingerprint
 
     @classmethod

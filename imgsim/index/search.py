@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,6 @@ from PIL import Image
 from imgsim.config import DEFAULTS, MAX_IMAGE_PIXELS
 from imgsim.data.decode import DecodeError, decode_image, open_image, prepare_image
 from imgsim.data.fetch import fetch_url
-from imgsim.data.rows import content_hash as hash_of_bytes
 from imgsim.data.sources import read_bytes
 from imgsim.errors import BadQuery, RunNotFound
 from imgsim.index.knn import KMeansClusterer, KnnIndex
@@ -86,10 +84,6 @@ class Searcher:
         self.allow_private_urls = allow_private_urls
         self.max_query_bytes = max_query_bytes
         self.run = Path(run) if run is not None else None
-        self._hash_lookup: tuple[np.ndarray, np.ndarray] | None = None
-        self._threshold: tuple[float, str] | None = None
-        self._candidate_radius: float | None = None  # how far duplicate candidates reach (verification)
-        self._threshold_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -160,7 +154,7 @@ class Searcher:
             data = bytes(x) if isinstance(x, bytes | bytearray | memoryview) else self.query_bytes(x)
             return decode_image(data, cfg.image_size, cfg.channels, max_pixels=max_pixels)
         except DecodeError as e:
-            raise BadQuery(e.reason, _describe(x)) from None
+            raise BadQuery(e.reason, describe_query(x)) from None
 
     # -- search ------------------------------------------------------------------------------------
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -188,7 +182,7 @@ class Searcher:
     def search(self, x: Query, k: int = DEFAULTS.search.k, within_cluster: bool = False) -> dict[str, Any]:
         """The top `k` indexed images for one query: `{"query", "cluster", "results": [...]}`."""
         answer = self.search_preprocessed(self.to_image(x)[None], k, within_cluster)[0]
-        return {"query": _describe(x), **answer}
+        return {"query": describe_query(x), **answer}
 
     def _answer(self, cluster: int, distances: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
         results = [
@@ -201,80 +195,6 @@ class Searcher:
     def record(self, id: int) -> dict[str, Any]:
         """The indexed image with this id (its row in embeddings.parquet)."""
         return {"id": id, "path": self.paths[id], "label": self.labels[id], "cluster": int(self.clusters[id])}
-
-    # -- duplicates --------------------------------------------------------------------------------
-    def duplicates_of(
-        self, x: Query, threshold: float | None = None, max_matches: int = DEFAULTS.duplicates.max_matches
-    ) -> dict[str, Any]:
-        """Is `x` a duplicate of indexed images? `{"query", "duplicate", "threshold", "threshold_source",
-        "matches": [{"id", "path", "distance", "exact"}]}`: every indexed image within the threshold
-        (the run's calibrated one unless given), nearest first; `exact` when the bytes are identical
-        (known for queries given as bytes, a path or a URL)."""
-        data = None
-        if isinstance(x, bytes | bytearray | memoryview):
-            data = bytes(x)
-        elif isinstance(x, str | os.PathLike):
-            data = self.query_bytes(x)
-        image = self.to_image(data if data is not None else x)
-        answer = self.duplicates_of_preprocessed(
-            image, hash_of_bytes(data) if data else None, threshold, max_matches, data=data
-        )
-        return {"query": _describe(x), **answer}
-
-    def duplicates_of_preprocessed(
-        self,
-        image: np.ndarray,
-        content_hash: str | None = None,
-        threshold: float | None = None,
-        max_matches: int = DEFAULTS.duplicates.max_matches,
-        *,
-        data: bytes | None = None,
-    ) -> dict[str, Any]:
-        """`duplicates_of` for a preprocessed uint8 (C, S, S) image and its file's content hash. With the
-        file's bytes (`data`), candidates are verified geometrically as `imgsim duplicates` does
-        (`imgsim.duplicates.groups.matches_of`); the threshold's calibration says how far candidates reach."""
-        from imgsim.duplicates.groups import matches_of
-
-        if threshold is not None:
-            t, source, radius = float(threshold), "given", None
-        else:
-            t, source = self.duplicate_threshold()
-            radius = self._candidate_radius if DEFAULTS.duplicates.verify else None
-        matches = matches_of(
-            self, self.embed(image[None])[0], content_hash, t, max_matches, data=data, radius=radius
-        )
-        return {"duplicate": bool(matches), "threshold": t, "threshold_source": source, "matches": matches}
-
-    def duplicate_threshold(self) -> tuple[float, str]:
-        """(threshold, source): the run's stored calibration, else one calibrated now (in-process, from
-        edited copies; `imgsim duplicates` or `imgsim eval --copies` measure it beforehand)."""
-        with self._threshold_lock:
-            if self._threshold is None:
-                from imgsim.duplicates.groups import stored_or_calibrated
-
-                if self.run is None:
-                    raise RunNotFound("this Searcher has no run directory to calibrate in: pass threshold=")
-                t, source, calibration = stored_or_calibrated(self.run, self)
-                self._threshold = (t, source)
-                radius = calibration.get("candidate_radius")
-                self._candidate_radius = None if radius is None else float(radius)
-            return self._threshold
-
-    def rows_with_hash(self, content_hash: str) -> list[int]:
-        """Ids of the indexed images whose file bytes have this content hash (exact duplicates)."""
-        if self._hash_lookup is None:
-            hashes = np.zeros(0, "S32")
-            if self.run is not None and "content_hash" in pq.read_schema(RunPaths(self.run).embeddings).names:
-                column = pq.read_table(RunPaths(self.run).embeddings, columns=["content_hash"])[
-                    "content_hash"
-                ]
-                hashes = np.array(column.fill_null("").to_pylist(), dtype="S32")
-            order = np.argsort(hashes, kind="stable")
-            self._hash_lookup = (hashes[order], order)
-        sorted_hashes, order = self._hash_lookup
-        key = np.array(content_hash, dtype="S32")
-        lo, hi = np.searchsorted(sorted_hashes, key, "left"), np.searchsorted(sorted_hashes, key, "right")
-        return sorted(int(i) for i in order[lo:hi])
 
     # -- indexed images ----------------------------------------------------------------------------
     def image_bytes(self, id: int) -> tuple[bytes, str]:
@@ -299,7 +219,7 @@ class Searcher:
         try:
             return _display(open_image(data))
         except DecodeError as e:
-            raise BadQuery(e.reason, _describe(x)) from None
+            raise BadQuery(e.reason, describe_query(x)) from None
 
 
 def _display(img: Image.Image) -> Image.Image:
@@ -308,7 +228,8 @@ def _display(img: Image.Image) -> Image.Image:
     return to_mode(img, 3)
 
 
-def _describe(x: object) -> str:
+def describe_query(x: object) -> str:
+    """A query as answers name it: its path or URL, else its kind and size."""
     if isinstance(x, str | Path):
         return str(x)
     if isinstance(x, bytes | bytearray | memoryview):
@@ -320,4 +241,4 @@ def _describe(x: object) -> str:
     return repr(x)
 
 
-__all__ = ["Searcher"]
+__all__ = ["Query", "Searcher", "TextColumn", "describe_query"]

@@ -61,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_query_duplicates(args: argparse.Namespace) -> int:
-    from imgsim.index.search import Searcher
+    from imgsim.duplicates.lookup import DuplicateLookup
 
     if args.plot or args.within_cluster:
         raise ImgsimError("--duplicates answers with the matches only: drop --plot and --within-cluster")
-    answer = Searcher.load(args.model).duplicates_of(args.image, threshold=args.threshold)
+    answer = DuplicateLookup.load(args.model).duplicates_of(args.image, threshold=args.threshold)
     if args.json:
         print_json(answer)
         return 0
