@@ -219,9 +219,7 @@ def _fit_embedding(
     column = "features" if recipe.objective == "trunk" else "image"
 
     def batches() -> Any:
-        for i, batch in enumerate(
-            shard.iter_torch_batches(batch_size=batch_size, dtypes={column: recipe.columns[column]})
-        ):
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, dtypes=recipe.columns)):
             if i >= max_batches:
                 return
             # "trunk": the clean images' trunk features (row 0 of each image's views)

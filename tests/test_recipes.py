@@ -12,9 +12,8 @@ from PIL import Image
 
 from imgsim.data.decode import decode_image
 from imgsim.evaluation.edits import apply_edit, copy_rng
-from imgsim.models.autoencoder import CPU_BF16_ENV, AutoEncoder, ModelConfig
+from imgsim.models.autoencoder import CPU_BF16_ENV, AutoEncoder, ModelConfig, info_nce
 from imgsim.training.augment import CopyAugment
-from imgsim.models.autoencoder import info_nce
 from imgsim.training.recipes import RECIPES, choose, get_recipe
 
 
@@ -127,9 +126,10 @@ def test_choose_picks_from_the_data_and_says_why() -> None:
     small = choose([(28, 28)] * 10, channels=1)
     assert (small.arch, small.image_size, small.recipe) == ("small", 32, "denoise-hog")
     assert "small images" in small.reason
-    photos = choose([(1024, 768)] * 10, channels=3)
+    photos = choose([(1024, 768)] * 10, channels=3, arch="resnet")
     assert (photos.arch, photos.recipe) == ("resnet", "copy") and photos.image_size == 64
-    assert choose([(1024, 768)], channels=3, use_gpu=True).image_size > 64
+    assert choose([(1024, 768)], channels=3, arch="resnet", use_gpu=True).image_size > 64
+    assert choose([(1024, 768)] * 10, channels=3, arch="lite0").arch == "lite0"  # tests/test_trunk_model.py
     forced = choose([(28, 28)], channels=1, arch="resnet", image_size=48)
     assert (forced.arch, forced.image_size, forced.recipe) == ("resnet", 48, "copy")
     assert "--arch resnet" in forced.reason
@@ -162,7 +162,7 @@ def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) ->
     copy = RECIPES["copy"]
     for bf16, steps in (("0", copy.steps), ("1", copy.steps_native_bf16)):  # more steps where bf16 is native
         monkeypatch.setenv(CPU_BF16_ENV, bf16)
-        p = plan(photos)
+        p = plan(photos, arch="resnet")
         assert steps <= p.epochs * p.steps_per_epoch < steps + p.epochs  # in whole epochs
         assert ("bf16 natively" in p.reason) == (bf16 == "1")
     assert copy.steps_native_bf16 > copy.steps
@@ -170,6 +170,9 @@ def test_imgsim_train_plans_from_a_sample_of_the_files(tmp_path, monkeypatch) ->
     assert p.model.mirror_symmetric and p.decode_size > 64  # crops are resampled from real pixels
     assert p.batch_size == 12  # 12 images: the batch is capped
     assert "median shorter side 96 px" in p.reason
+    auto = plan(photos, arch="lite0")  # the pretrained trunk
+    assert (auto.model.arch, auto.model.recipe, auto.model.image_size) == ("lite0", "trunk-copy", 224)
+    assert auto.epochs * auto.steps_per_epoch >= RECIPES["trunk-copy"].steps and auto.decode_size == 280
     g = plan(grey)
     assert (g.model.arch, g.model.recipe, g.model.image_size, g.model.channels) == (
         "small",

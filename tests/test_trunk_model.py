@@ -24,7 +24,7 @@ VIEWS = 3
 
 @pytest.fixture(scope="module")
 def config():
-    return choose([(640, 480)] * 9, channels=3).model_config()
+    return choose([(640, 480)] * 9, channels=3, arch="lite0").model_config()
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,17 @@ def features(config) -> dict[str, np.ndarray]:
     return featurize({"image": images, "path": np.array([f"p{i}.png" for i in range(40)])})
 
 
-def test_colour_photos_get_the_pretrained_trunk_and_small_images_keep_the_small_model() -> None:
-    photos = choose([(1024, 768)] * 10, channels=3)
+def test_arch_lite0_gets_the_pretrained_trunk_and_small_images_keep_the_small_model() -> None:
+    photos = choose([(1024, 768)] * 10, channels=3, arch="lite0")
     assert (photos.arch, photos.recipe, photos.image_size) == ("lite0", "trunk-copy", 224)
     assert "pretrained EfficientNet-Lite0" in photos.reason
     config = photos.model_config()
     assert config.trunk == "efficientnet-lite0" and len(config.trunk_sha256) == 64
     assert 0 < config.trunk_dims < config.dim
     assert choose([(28, 28)] * 10, channels=1).arch == "small"
-    forced = choose([(1024, 768)] * 10, channels=3, arch="resnet")
-    assert (forced.arch, forced.recipe, forced.image_size) == ("resnet", "copy", 64)
-    assert "--arch resnet" in forced.reason
+    default = choose([(1024, 768)] * 10, channels=3)  # not the default yet (docs/pretrained.md)
+    assert (default.arch, default.recipe, default.image_size) == ("resnet", "copy", 64)
+    assert "--arch lite0" in photos.reason
 
 
 def test_views_per_image_shrink_with_the_collection_to_keep_training_short() -> None:
@@ -129,7 +129,7 @@ def test_imgsim_train_runs_the_trunk_model_through_ray_train_and_its_run_answers
         blob_photo(i, size=160).save(photos / f"{i:02d}.jpg", quality=92)
     run = tmp_path / "run"
     capsys.readouterr()
-    assert main(["train", str(photos), "--out", str(run), "--steps", "16", "--json"]) == 0
+    assert main(["train", str(photos), "--out", str(run), "--arch", "lite0", "--steps", "16", "--json"]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out)
     assert (summary["arch"], summary["recipe"], summary["dim"]) == ("lite0", "trunk-copy", 512)

@@ -377,12 +377,14 @@ def choose(
         auto_arch, auto_size, auto_recipe = "small", 32, "denoise-hog"
         why = f"small images (median shorter side {median} px <= {SMALL_IMAGE_SIDE})"
     else:
-        auto_arch, auto_recipe, auto_size = "lite0", "trunk-copy", TRUNK_IMAGE_SIZE
+        # The pretrained-trunk model ("lite0", --arch lite0) is not the default yet: on the photo-tile
+        # copies it scored P@1 0.718 against this model's 0.910 (docs/pretrained.md)
+        auto_arch, auto_recipe = "resnet", "copy"
+        auto_size = 96 if use_gpu else 64
         why = (
             f"{'colour' if channels == 3 else 'greyscale'} images of median shorter side {median} px: "
-            f"the pretrained EfficientNet-Lite0 trunk (ImageNet; frozen) at {auto_size} px with a head and "
-            "decoder trained on these images to recognise edited copies, keeping what the trunk knows "
-            "about what images show"
+            f"the residual encoder at {auto_size} px ({'GPU' if use_gpu else 'CPU: 64 px fits a few minutes'})"
+            ", trained to recognise edited copies (crops, mirror, greyscale, colour, blur)"
         )
     chosen_arch = arch or auto_arch
     chosen_size = image_size or (
@@ -415,8 +417,13 @@ def choose(
     # photos: a mirror-symmetric embedding (mix P@1 0.613 -> 0.651, mirror copies 0.93 -> 1.00 on the
     # same trained model, docs/quality.md) for twice the encoder's cost per embedded image
     symmetric = chosen_arch == "resnet"
+    if chosen_arch in TRUNK_ARCHS:
+        reason += (
+            "; lite0: the pretrained EfficientNet-Lite0 trunk (ImageNet; frozen) with a head and decoder "
+            "trained on these images"
+        )
     if chosen_arch in TRUNK_ARCHS and use_gpu:
-        why += "; the trunk stays frozen on a GPU too (fine-tuning its last stages is not built yet)"
+        reason += "; the trunk stays frozen on a GPU too (fine-tuning its last stages is not built yet)"
     return Choice(
         chosen_arch,
         chosen_size,

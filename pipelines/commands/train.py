@@ -40,7 +40,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
         "--arch",
         choices=ARCHS,
         default=None,
-        help="small: the 32 px autoencoder; resnet: a deeper encoder for photos",
+        help="small: the 32 px autoencoder; resnet: a deeper encoder for photos; lite0: the pretrained "
+        "EfficientNet-Lite0 trunk with a head and decoder trained on your images (224 px)",
     )
     choice.add_argument(
         "--recipe",
