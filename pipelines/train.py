@@ -392,21 +392,27 @@ def training_dataset(data: str, refs: list[ImageRef], plan: TrainPlan) -> ray.da
     ds = ds.select_columns(["image"])
     est_bytes = len(refs) * model.channels * size**2
     if est_bytes < 0.2 * ray.available_resources().get("object_store_memory", 0):
-        with stage("decode", len(refs), "images") as p:
-            ds = ds.materialize()  # decode once, not every epoch, when the pixels fit comfortably
-            decoded = ds.count()
-            p.set(decoded)
-        if decoded < len(refs):
-            log(
-                f"skipped {len(refs) - decoded:,} of {len(refs):,} files that could not be read or decoded "
-                f"(to list them: imgsim ingest {data} --skipped FILE)"
-            )
+        ds = _materialize(ds, "decode", data, refs)  # decode once, not every epoch, when the pixels fit
     # Rows are already in random order (refs were shuffled); each epoch also visits blocks in a new
     # order. Cheaper than a per-row shuffle buffer, which halved throughput on 2 cores.
     ds = ds.randomize_block_order()
     # The loop prints its own progress; Ray Data's per-epoch bars from the split coordinator would
     # print three more bars every epoch.
     ds.context.enable_progress_bars = False
+    return ds
+
+
+def _materialize(ds: ray.data.Dataset, what: str, data: str, refs: list[ImageRef]) -> ray.data.Dataset:
+    """`ds` computed once, with a progress line named `what`, and one line on the files skipped."""
+    with stage(what, len(refs), "images") as p:
+        ds = ds.materialize()
+        done = ds.count()
+        p.set(done)
+    if done < len(refs):
+        log(
+            f"skipped {len(refs) - done:,} of {len(refs):,} files that could not be read or decoded "
+            f"(to list them: imgsim ingest {data} --skipped FILE)"
+        )
     return ds
 
 
@@ -435,15 +441,7 @@ def _trunk_features_dataset(
         compute=ray.data.ActorPoolStrategy(size=DEFAULTS.index.concurrency),
         num_cpus=1,
     )
-    with stage("trunk features", len(refs), "images") as p:
-        ds = ds.materialize()
-        done = ds.count()
-        p.set(done)
-    if done < len(refs):
-        log(
-            f"skipped {len(refs) - done:,} of {len(refs):,} files that could not be read or decoded "
-            f"(to list them: imgsim ingest {data} --skipped FILE)"
-        )
+    ds = _materialize(ds, "trunk features", data, refs)
     ds = ds.randomize_block_order()
     ds.context.enable_progress_bars = False
     return ds
