@@ -15,6 +15,7 @@ import torch
 from imgsim.errors import ModelMismatch
 from imgsim.models import autoencoder as model_lib
 from imgsim.models.autoencoder import AutoEncoder
+from imgsim.models.trunk_head import feature_width, thumbnail
 from imgsim.training.recipes import choose, fit_trunk_embedding, get_recipe, trunk_statistics
 from imgsim.training.view_features import MAX_VIEWS, MIN_VIEWS, ViewFeaturizer, views_for
 from tests.test_recipes import blob_photo, decoded
@@ -56,7 +57,7 @@ def test_views_per_image_shrink_with_the_collection_to_keep_training_short() -> 
 
 def test_view_features_are_the_same_for_the_same_image_and_differ_between_views(config, features) -> None:
     f = features["features"].astype(np.float32)
-    assert f.shape == (40, VIEWS + 1, 1280) and features["target"].shape == (40, 3, 32, 32)
+    assert f.shape == (40, VIEWS + 1, feature_width(1280)) and features["target"].shape == (40, 3, 32, 32)
     again = ViewFeaturizer(config.trunk, config.image_size, config.recon_size, VIEWS)(
         {"image": np.stack([decoded(blob_photo(0, size=200), 280)]), "path": np.array(["p0.png"])}
     )
@@ -97,7 +98,7 @@ def test_a_saved_model_loads_on_its_fast_path_with_eager_embeddings(config, feat
     )
     model_lib.save(model, tmp_path / "run")
     loaded = model_lib.load(tmp_path / "run")
-    assert loaded.uses_trunk and sum(p.numel() for p in loaded.parameters()) < 3_000_000  # trunk not saved
+    assert loaded.uses_trunk and not any("_blocks" in k or "_conv_stem" in k for k in loaded.state_dict())  # trunk not saved
     images = np.stack([decoded(blob_photo(i, size=200), 224) for i in range(6)])
     fast = loaded.embed(images)
     assert type(loaded._fast).__name__ == "OnnxModule" and fast.shape == (6, config.dim)
@@ -107,6 +108,16 @@ def test_a_saved_model_loads_on_its_fast_path_with_eager_embeddings(config, feat
     assert cos.min() >= 0.9999
     # the trunk's half is the trunk's own view: two different pictures stay apart
     assert float(fast[0] @ fast[1]) < 0.95 * float(fast[0] @ fast[0])
+
+
+def test_the_thumbnail_part_ignores_mirroring_and_brightness_and_contrast_but_not_the_picture() -> None:
+    images = torch.from_numpy(np.stack([decoded(blob_photo(i, size=200), 224) for i in range(2)])).float() / 255
+    t = thumbnail(images, 16)
+    assert t.shape == (2, 256) and torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-5)
+    torch.testing.assert_close(thumbnail(images.flip(-1), 16), t, atol=1e-5, rtol=0)
+    dimmer = thumbnail(0.6 * images + 0.1, 16)  # brightness and contrast: no clipping at these factors
+    assert float((dimmer * t).sum(1).min()) > 0.999
+    assert float(t[0] @ t[1]) < 0.9  # two different pictures
 
 
 def test_a_model_trained_on_other_trunk_weights_is_refused(config, tmp_path: Path) -> None:
@@ -132,7 +143,7 @@ def test_imgsim_train_runs_the_trunk_model_through_ray_train_and_its_run_answers
     assert main(["train", str(photos), "--out", str(run), "--arch", "lite0", "--steps", "16", "--json"]) == 0
     out = capsys.readouterr()
     summary = json.loads(out.out)
-    assert (summary["arch"], summary["recipe"], summary["dim"]) == ("lite0", "trunk-copy", 512)
+    assert (summary["arch"], summary["recipe"], summary["dim"]) == ("lite0", "trunk-copy", 1024)
     assert "edited views of it are computed once" in out.err and "pretrained EfficientNet-Lite0" in out.err
     assert main(["index", str(photos), "--model", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["images"] == 24

@@ -118,17 +118,22 @@ class ModelConfig:
     trunk: str = ""
     trunk_sha256: str = ""
     trunk_dims: int = 0
+    # "lite0": the side of the grey thumbnail in the embedding (its side² values; 0 = none)
+    thumb_size: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; choose from {', '.join(ARCHS)}")
-        if not 0 <= self.trunk_dims < self.dim:
-            raise ValueError(f"trunk_dims {self.trunk_dims} must be below dim {self.dim}")
+        if self.trunk_dims < 0 or self.thumb_size < 0 or self.head_dim <= 0:
+            raise ValueError(
+                f"dim {self.dim} leaves no room for the trained bottleneck beside trunk_dims "
+                f"{self.trunk_dims} and a {self.thumb_size} px thumbnail"
+            )
 
     @property
     def head_dim(self) -> int:
-        """The trained bottleneck's size: `dim` less the trunk's share of the embedding."""
-        return self.dim - self.trunk_dims
+        """The trained bottleneck's size: `dim` less the trunk's and the thumbnail's shares."""
+        return self.dim - self.trunk_dims - self.thumb_size**2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,11 +274,11 @@ class AutoEncoder(nn.Module):
         self._trunk: list[nn.Module] = []
         if config.arch == "lite0":
             from imgsim.models.trunk import trunk_spec
-            from imgsim.models.trunk_head import FeatureHead
+            from imgsim.models.trunk_head import FeatureHead, feature_width
 
             self.scale, self.padded = 1, config.image_size
             feature_channels = trunk_spec(config.trunk or TRUNK_ARCHS["lite0"]).channels
-            self.encoder = FeatureHead(feature_channels, zdim)
+            self.encoder = FeatureHead(feature_width(feature_channels), zdim)
             self.decoder = LightDecoder(zdim, config.channels, self.recon_size, config.decoder_width)
             self.register_buffer("trunk_mean", torch.zeros(feature_channels))
             self.register_buffer("trunk_proj", torch.zeros(feature_channels, config.trunk_dims))
@@ -347,15 +352,15 @@ class AutoEncoder(nn.Module):
         return self
 
     def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
-        """ "lite0": the frozen trunk's pooled features of float images in [0, 1]."""
+        """ "lite0": the frozen trunk's pooled features (`TrunkFeatures`) of float images in [0, 1]."""
         if not self._trunk:
             self.attach_trunk(next(self.parameters()).device)
         with torch.no_grad():
             return self._trunk[0](x)
 
-    def encode_features(self, g: torch.Tensor) -> torch.Tensor:
-        """ "lite0": the head's bottleneck (N, head_dim) from pooled trunk features (N, C)."""
-        return self.encoder(g)
+    def encode_features(self, features: torch.Tensor) -> torch.Tensor:
+        """ "lite0": the head's bottleneck (N, head_dim) from pooled trunk features (N, F)."""
+        return self.encoder(features)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Bottleneck z (N, D) for float images already passed through `to_float` ("lite0": the
@@ -386,7 +391,7 @@ class AutoEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> AutoEncoderOutput:
         """Images (N, C, S, S) -> reconstruction, bottleneck and projection; "lite0" also takes the
-        trunk's pooled features (N, C) of images, as its training does (`imgsim.training.view_features`)."""
+        trunk's pooled features (N, F) of images, as its training does (`imgsim.training.view_features`)."""
         z = self.encode_features(x) if self.uses_trunk and x.ndim == 2 else self.encode(self.to_float(x))
         return AutoEncoderOutput(recon=self.decode(z), z=z, proj=self.projector(z))
 
@@ -397,7 +402,7 @@ class AutoEncoder(nn.Module):
         if not self._trunk:
             self.attach_trunk(next(self.parameters()).device)
         return EmbeddingGraph(
-            self._trunk[0], self.encoder, {n: getattr(self, n) for n in FUSE_BUFFERS}
+            self._trunk[0], self.encoder, {n: getattr(self, n) for n in FUSE_BUFFERS}, self.config.thumb_size
         ).eval()
 
     def _fast_path(self) -> object:

@@ -55,6 +55,7 @@ from imgsim.models.autoencoder import (
     training_loss,
     uses_bf16,
 )
+from imgsim.models.trunk_head import global_part, principal_axes, thumb_side
 from imgsim.training.augment import CopyAugment
 
 
@@ -123,7 +124,7 @@ class Recipe:
         loss = self.recon_weight * recon + self.nce_weight * nce
         parts = {"recon": recon.detach(), "nce": nce.detach()}
         if self.distill_weight > 0 and n >= MIN_DISTILL_BATCH:
-            teacher = features[:, 0]
+            teacher = global_part(features[:, 0])  # the clean image's global GeM
             distill = neighbour_distillation(out.z, torch.cat([teacher, teacher]), self.distill_temperature)
             loss, parts["distill"] = loss + self.distill_weight * distill, distill.detach()
         return loss, parts
@@ -200,8 +201,9 @@ def embedding_statistics(
 def trunk_statistics(
     ae: AutoEncoder, batches: Iterable[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """ "lite0": (sum z, sum g, sum g gᵀ, n) over the clean images' trunk features `g`
-    (float (N, C) batches) and the head's bottlenecks `z` of them, in float64, for `fit_trunk_embedding`."""
+    """ "lite0": (sum z, sum g, sum g gᵀ, n) over the clean images' trunk features (float (N, F)
+    batches: `TrunkFeatures`), their global GeMs `g` and the head's bottlenecks `z` of them, in
+    float64, for `fit_trunk_embedding`."""
     was_training = ae.training
     ae.eval()
     device = next(ae.parameters()).device
@@ -210,9 +212,10 @@ def trunk_statistics(
     g_total = torch.zeros(channels, dtype=torch.float64, device=device)
     g_outer = torch.zeros(channels, channels, dtype=torch.float64, device=device)
     count = 0
-    for g in batches:
-        g = g.to(device).float()
-        z_total += ae.encode_features(g).double().sum(0)
+    for features in batches:
+        features = features.to(device).float()
+        z_total += ae.encode_features(features).double().sum(0)
+        g = global_part(features)
         g_total += g.double().sum(0)
         g_outer += g.double().t() @ g.double()
         count += len(g)
@@ -226,7 +229,6 @@ def fit_trunk_embedding(
 ) -> None:
     """ "lite0": centre the head's bottleneck and fit the trunk half's centring and principal axes
     (`imgsim.models.trunk_head`) from `trunk_statistics`' sums."""
-    from imgsim.models.trunk_head import principal_axes
 
     ae.emb_mean.copy_((z_total / max(count, 1.0)).float())
     mean, proj = principal_axes(g_total, g_outer, max(count, 1.0), ae.config.trunk_dims)
@@ -315,6 +317,7 @@ class Choice:
     reason: str
     trunk: str = ""  # "lite0": the pretrained trunk's name
     trunk_dims: int = 0  # "lite0": the trunk's share of the embedding
+    thumb_size: int = 0  # "lite0": the thumbnail's side (its side² values are in the embedding)
 
     def model_config(self, **overrides: Any) -> ModelConfig:
         """The ModelConfig to build (and store) for this choice; `overrides` win (e.g. dim=...)."""
@@ -333,9 +336,9 @@ class Choice:
             from imgsim.models.trunk import trunk_spec
 
             fields |= {"trunk": self.trunk, "trunk_sha256": trunk_spec(self.trunk).weights_sha256}
-            fields["trunk_dims"] = self.trunk_dims
-            if "dim" in overrides:  # --dim D: the whole embedding; the trunk keeps half of it
-                fields["trunk_dims"] = overrides["dim"] // 2
+            fields |= {"trunk_dims": self.trunk_dims, "thumb_size": self.thumb_size}
+            if "dim" in overrides:  # --dim D: the whole embedding; the trunk keeps half, the thumbnail a quarter
+                fields |= {"trunk_dims": overrides["dim"] // 2, "thumb_size": thumb_side(overrides["dim"])}
         return ModelConfig(**(fields | overrides))
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,9 +347,10 @@ class Choice:
 
 #: Images whose shorter side is at most this (median of a sample) count as small, like Fashion-MNIST.
 SMALL_IMAGE_SIDE = 48
-#: "lite0": the trunk's input side (its native one) and the embedding's size (head + trunk halves).
+#: "lite0": the trunk's input side (its native one) and the embedding's size: the head's 256, the
+#: trunk's 512 and the 16 x 16 thumbnail (`imgsim.models.trunk_head`).
 TRUNK_IMAGE_SIZE = 224
-TRUNK_EMBEDDING_DIM = 512
+TRUNK_EMBEDDING_DIM = 1024
 #: The input side and recipe an architecture gets when `--arch` picks it against the automatic choice.
 DEFAULT_SIZE = {
     "small": lambda gpu: 32,
@@ -394,10 +398,11 @@ def choose(
     flags = [f"--{k} {v}" for k, v in (("arch", arch), ("image-size", image_size), ("recipe", recipe)) if v]
     if flags:
         why += f"; overridden by {' '.join(flags)}"
-    trunk, trunk_dims = "", 0
+    trunk, trunk_dims, thumb = "", 0, 0
     if chosen_arch in TRUNK_ARCHS:
-        # the trunk's own features keep half of the embedding (docs/pretrained.md, "Fusing the trunk's view")
+        # the trunk's own features keep half of the embedding, the thumbnail a quarter (docs/pretrained.md, "Fusing")
         trunk, trunk_dims = TRUNK_ARCHS[chosen_arch], TRUNK_EMBEDDING_DIM // 2
+        thumb = thumb_side(TRUNK_EMBEDDING_DIM)
         widths, dim, recon, proj = (), TRUNK_EMBEDDING_DIM, 32, 0
         channels = 3  # the trunk sees RGB (greyscale images as three equal channels)
     elif chosen_arch == "resnet":
@@ -439,4 +444,5 @@ def choose(
         reason,
         trunk,
         trunk_dims,
+        thumb,
     )

@@ -3,7 +3,7 @@
 With the trunk frozen, its forward pass over every view is by far the dearest part of training the
 "lite0" autoencoder (about 15 ms per view at 224 px on one 2-core machine, against well under 1 ms for
 the head's step), and it gives the same answer every time. So training first maps every image, once,
-to the trunk's pooled features of its clean self and of `views` edited views
+to the trunk's pooled features (`TrunkFeatures`: global and per quadrant) of its clean self and of `views` edited views
 (`imgsim.training.views`: several edits at once), plus the small reconstruction target; the trainer
 then runs its steps on those vectors alone. A Ray Data mapper (`ViewFeaturizer`, run by
 `pipelines.train`) does it, on the trunk's fast path.
@@ -40,7 +40,7 @@ def _seed(path: str, seed: int) -> list[int]:
 
 
 class ViewFeaturizer:
-    """Ray Data mapper: rows {path, image: uint8 (3, D, D)} -> {features: float16 (V + 1, C), target:
+    """Ray Data mapper: rows {path, image: uint8 (3, D, D)} -> {features: float16 (V + 1, F), target:
     uint8 (3, r, r)}: row 0 of `features` is the clean image's (resized to `image_size`), rows 1..V
     its edited views'; `target` is the clean image at the decoder's size `recon_size`."""
 
