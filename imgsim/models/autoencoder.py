@@ -89,6 +89,9 @@ def autocast(device: torch.device | str) -> torch.autocast:
 ARCHS = ("small", "resnet", "lite0")
 #: Architectures built on a pretrained trunk: the trunk's name is `ModelConfig.trunk`.
 TRUNK_ARCHS = {"lite0": "efficientnet-lite0"}
+#: Images per pass of a trunk model's `embed`: ONNX Runtime's fastest batch on 2 cores (14.9 ms per
+#: image at 64, docs/pretrained.md), and a few hundred MB of activations, not gigabytes.
+TRUNK_EMBED_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -417,8 +420,12 @@ class AutoEncoder(nn.Module):
 
     # -- inference ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-        """THE search embedding for uint8 (N, C, S, S) images: float32 (N, D), centred and whitened."""
+    def embed(self, images: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
+        """THE search embedding for uint8 (N, C, S, S) images: float32 (N, D), centred and whitened.
+
+        `batch_size` (None: `TRUNK_EMBED_BATCH` for "lite0", else 1,024) bounds the memory: the trunk's
+        224 px activations for 1,024 images would take gigabytes."""
+        batch_size = batch_size or (TRUNK_EMBED_BATCH if self.uses_trunk else 1024)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device

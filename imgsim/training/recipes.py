@@ -381,14 +381,14 @@ def choose(
         auto_arch, auto_size, auto_recipe = "small", 32, "denoise-hog"
         why = f"small images (median shorter side {median} px <= {SMALL_IMAGE_SIDE})"
     else:
-        # The pretrained-trunk model ("lite0", --arch lite0) is not the default yet: on the photo-tile
-        # copies it scored P@1 0.718 against this model's 0.910 (docs/pretrained.md)
-        auto_arch, auto_recipe = "resnet", "copy"
-        auto_size = 96 if use_gpu else 64
+        # The pretrained trunk with a head trained on these images: on the photo-tile copies P@1 0.878
+        # (the 64 px "copy" model 0.910), several unseen edits combined 0.755, photos it never saw
+        # 0.879, in half the copy model's training time (docs/pretrained.md)
+        auto_arch, auto_recipe, auto_size = "lite0", "trunk-copy", TRUNK_IMAGE_SIZE
         why = (
             f"{'colour' if channels == 3 else 'greyscale'} images of median shorter side {median} px: "
-            f"the residual encoder at {auto_size} px ({'GPU' if use_gpu else 'CPU: 64 px fits a few minutes'})"
-            ", trained to recognise edited copies (crops, mirror, greyscale, colour, blur)"
+            "a pretrained trunk knows what photos and drawings show; a head trained here adds copy "
+            "invariance (--arch resnet: the small 64 px copy model, trained from scratch)"
         )
     chosen_arch = arch or auto_arch
     chosen_size = image_size or (
