@@ -99,7 +99,9 @@ def test_a_saved_model_loads_on_its_fast_path_with_eager_embeddings(config, feat
     )
     model_lib.save(model, tmp_path / "run")
     loaded = model_lib.load(tmp_path / "run")
-    assert loaded.uses_trunk and not any("_blocks" in k or "_conv_stem" in k for k in loaded.state_dict())  # trunk not saved
+    assert loaded.uses_trunk and not any(
+        "_blocks" in k or "_conv_stem" in k for k in loaded.state_dict()
+    )  # trunk not saved
     images = np.stack([decoded(blob_photo(i, size=200), 224) for i in range(6)])
     fast = loaded.embed(images)
     assert type(loaded._fast).__name__ == "OnnxModule" and fast.shape == (6, config.dim)
@@ -112,7 +114,9 @@ def test_a_saved_model_loads_on_its_fast_path_with_eager_embeddings(config, feat
 
 
 def test_the_thumbnail_part_ignores_mirroring_and_brightness_and_contrast_but_not_the_picture() -> None:
-    images = torch.from_numpy(np.stack([decoded(blob_photo(i, size=200), 224) for i in range(2)])).float() / 255
+    images = (
+        torch.from_numpy(np.stack([decoded(blob_photo(i, size=200), 224) for i in range(2)])).float() / 255
+    )
     t = thumbnail(images, 16)
     assert t.shape == (2, 256) and torch.allclose(t.norm(dim=1), torch.ones(2), atol=1e-5)
     torch.testing.assert_close(thumbnail(images.flip(-1), 16), t, atol=1e-5, rtol=0)

@@ -337,7 +337,8 @@ class Choice:
 
             fields |= {"trunk": self.trunk, "trunk_sha256": trunk_spec(self.trunk).weights_sha256}
             fields |= {"trunk_dims": self.trunk_dims, "thumb_size": self.thumb_size}
-            if "dim" in overrides:  # --dim D: the whole embedding; the trunk keeps half, the thumbnail a quarter
+            # --dim D: the whole embedding; the trunk keeps half, the thumbnail a quarter
+            if "dim" in overrides:
                 fields |= {"trunk_dims": overrides["dim"] // 2, "thumb_size": thumb_side(overrides["dim"])}
         return ModelConfig(**(fields | overrides))
 
