@@ -229,7 +229,6 @@ def fit_trunk_embedding(
 ) -> None:
     """ "lite0": centre the head's bottleneck and fit the trunk half's centring and principal axes
     (`imgsim.models.trunk_head`) from `trunk_statistics`' sums."""
-
     ae.emb_mean.copy_((z_total / max(count, 1.0)).float())
     mean, proj = principal_axes(g_total, g_outer, max(count, 1.0), ae.config.trunk_dims)
     ae.trunk_mean.copy_(mean)
@@ -335,8 +334,12 @@ class Choice:
         if self.trunk:
             from imgsim.models.trunk import trunk_spec
 
-            fields |= {"trunk": self.trunk, "trunk_sha256": trunk_spec(self.trunk).weights_sha256}
-            fields |= {"trunk_dims": self.trunk_dims, "thumb_size": self.thumb_size}
+            fields |= {
+                "trunk": self.trunk,
+                "trunk_sha256": trunk_spec(self.trunk).weights_sha256,
+                "trunk_dims": self.trunk_dims,
+                "thumb_size": self.thumb_size,
+            }
             # --dim D: the whole embedding; the trunk keeps half, the thumbnail a quarter
             if "dim" in overrides:
                 fields |= {"trunk_dims": overrides["dim"] // 2, "thumb_size": thumb_side(overrides["dim"])}
@@ -383,7 +386,7 @@ def choose(
         why = f"small images (median shorter side {median} px <= {SMALL_IMAGE_SIDE})"
     else:
         # The pretrained trunk with a head trained on these images: on the photo-tile copies P@1 0.878
-        # (the 64 px "copy" model 0.910), several unseen edits combined 0.755, photos it never saw
+        # (the 64 px "copy" model 0.916 in the same run), several unseen edits combined 0.755, photos it never saw
         # 0.879, in half the copy model's training time (docs/pretrained.md)
         auto_arch, auto_recipe, auto_size = "lite0", "trunk-copy", TRUNK_IMAGE_SIZE
         why = (
